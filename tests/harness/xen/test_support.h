@@ -1,0 +1,35 @@
+#pragma once
+
+// Helpers for tests that drive the emulated Xen host: hermetic temp dirs and running the real
+// xenstore-* tools against a given xenstored socket. Test-only; not used by the daemon.
+
+#include <string>
+#include <vector>
+
+namespace blockplane::harness {
+
+// Creates a fresh directory under $TMPDIR (or /tmp) and removes it, recursively, on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+struct CommandResult {
+  int exit_code = -1;  // -1 if the process could not run or was killed
+  std::string out;
+  std::string err;
+};
+
+// Runs argv[0] (searched in PATH) with XENSTORED_PATH=<xenstored_path> added to the environment,
+// collects stdout and stderr, and waits at most `timeout_ms` before killing it.
+CommandResult RunXenstoreTool(const std::vector<std::string>& argv,
+                              const std::string& xenstored_path, int timeout_ms = 10000);
+
+}  // namespace blockplane::harness
