@@ -1,0 +1,59 @@
+#pragma once
+
+// NullBackend: reads return zeroes, writes are dropped. For benchmarks of the layers above.
+// Every request completes through an io_uring NOP on the loop's ring (or after `latency` via a
+// loop timer), so a benchmark measures the full submit/reap path, not a function call.
+
+#include <chrono>
+#include <cstring>
+
+#include "common/event_loop.h"
+#include "worker/backend/backend.h"
+#include "worker/backend/object_pool.h"
+
+namespace blockplane::worker {
+
+class NullBackend final : public Backend {
+ public:
+  struct Options {
+    uint64_t capacity = uint64_t{1} << 30;
+    BackendLimits limits;
+    // Reads fill their buffers with zeroes (costs a memset); false leaves buffers untouched.
+    bool zero_reads = false;
+    std::chrono::nanoseconds latency{0};
+  };
+  // `loop` must outlive the backend. Loop thread only.
+  NullBackend(common::EventLoop* loop, Options options);
+
+  uint64_t Capacity() const override { return options_.capacity; }
+  const BackendLimits& Limits() const override { return options_.limits; }
+  bool SupportsDiscard() const override { return true; }
+  bool SupportsWriteZeroes() const override { return true; }
+  bool SupportsFua() const override { return true; }
+
+  void Read(uint64_t offset, const iovec* iov, int iovcnt, BackendCompletion* done) override;
+  void Write(uint64_t offset, const iovec* iov, int iovcnt, uint32_t flags,
+             BackendCompletion* done) override;
+  void Flush(BackendCompletion* done) override { Complete(done); }
+  void Discard(uint64_t, uint64_t, BackendCompletion* done) override { Complete(done); }
+  void WriteZeroes(uint64_t, uint64_t, uint32_t, BackendCompletion* done) override {
+    Complete(done);
+  }
+  absl::Status Grow(uint64_t new_capacity) override;
+
+ private:
+  struct Op final : public common::CompletionHandler {
+    explicit Op(NullBackend* backend) : backend(backend) {}
+    void OnCompletion(int32_t result, uint32_t) override;
+    NullBackend* backend;
+    BackendCompletion* done = nullptr;
+  };
+  void Complete(BackendCompletion* done);
+  void SubmitOp(Op* op);
+
+  common::EventLoop* loop_;
+  Options options_;
+  ObjectPool<Op> ops_;
+};
+
+}  // namespace blockplane::worker
