@@ -33,8 +33,8 @@ bool LogEnabled(LogLevel level);
 
 }  // namespace blockplane::common
 
-#define BP_LOG(level)                                                                   \
-  if (!::blockplane::common::LogEnabled(::blockplane::common::LogLevel::k##level)) { \
-  } else                                                                                \
+#define BP_LOG(level)                                                                              \
+  if (!::blockplane::common::LogEnabled(::blockplane::common::LogLevel::k##level)) {               \
+  } else                                                                                           \
     ::blockplane::common::LogMessage(::blockplane::common::LogLevel::k##level, __FILE__, __LINE__) \
         .stream()

@@ -1,0 +1,146 @@
+#include "controller/controller.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/health_check_service_interface.h"
+
+namespace blockplane::controller {
+namespace {
+
+std::string DefaultWorkerBinary() {
+  char self[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (n <= 0) return "blockplane-worker";
+  self[n] = '\0';
+  return (std::filesystem::path(self).parent_path() / "blockplane-worker").string();
+}
+
+// A socket file left by a controller that died is removed; one that answers belongs to a live
+// controller and is an error.
+absl::Status PrepareSocketPath(const std::string& path) {
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
+  if (ec) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--socket: cannot create the folder of ", path, ": ", ec.message()));
+  }
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path)) {
+    return absl::InvalidArgumentError(absl::StrCat("--socket: ", path, " is too long"));
+  }
+  struct stat st;
+  if (lstat(path.c_str(), &st) != 0) return absl::OkStatus();
+  if (!S_ISSOCK(st.st_mode)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--socket: ", path, " exists and is not a socket"));
+  }
+  memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  common::UniqueFd fd(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--socket: another blockplaned is serving on ", path));
+  }
+  unlink(path.c_str());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+Controller::Controller(ControllerOptions options) : options_(std::move(options)) {}
+
+Controller::~Controller() { Shutdown(); }
+
+absl::Status Controller::Start() {
+  std::error_code ec;
+  std::filesystem::create_directories(options_.state_dir, ec);
+  if (ec) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--state-dir: cannot create ", options_.state_dir, ": ", ec.message()));
+  }
+  // One controller per state dir: two would both adopt and restart the same workers.
+  state_lock_.Reset(
+      open((options_.state_dir + "/lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  if (!state_lock_ || flock(state_lock_.get(), LOCK_EX | LOCK_NB) != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--state-dir: ", options_.state_dir, " is in use by another blockplaned"));
+  }
+  absl::StatusOr<std::unique_ptr<Registry>> registry =
+      Registry::Open(options_.state_dir + "/registry.db");
+  if (!registry.ok()) return registry.status();
+  registry_ = std::move(*registry);
+
+  ManagerOptions m;
+  m.state_dir = options_.state_dir;
+  m.backing_roots = options_.backing_roots;
+  m.spawn.worker_binary =
+      options_.worker_binary.empty() ? DefaultWorkerBinary() : options_.worker_binary;
+  m.spawn.log_level = options_.log_level;
+  m.max_restarts = options_.max_restarts;
+  m.restart_window = std::chrono::seconds(options_.restart_window_seconds);
+  m.metrics_host = options_.metrics_host;
+  if (access(m.spawn.worker_binary.c_str(), X_OK) != 0) {
+    return absl::FailedPreconditionError(absl::StrCat("--worker-binary: ", m.spawn.worker_binary,
+                                                      " is not executable: ", strerror(errno)));
+  }
+  if (options_.backing_roots.empty()) {
+    BP_LOG(Warning) << "no --backing-root given: every attach will be refused until one is set";
+  }
+  manager_ = std::make_unique<DeviceManager>(m, registry_.get());
+  if (absl::Status s = manager_->Start(); !s.ok()) return s;
+
+  if (absl::Status s = PrepareSocketPath(options_.socket_path); !s.ok()) return s;
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  service_ = std::make_unique<DeviceService>(manager_.get());
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("unix:" + options_.socket_path, grpc::InsecureServerCredentials());
+  if (!options_.listen_tcp.empty()) {
+    builder.AddListeningPort(options_.listen_tcp, grpc::InsecureServerCredentials(), &tcp_port_);
+  }
+  builder.RegisterService(service_.get());
+  // The socket gets mode 0660: the API is for root and the socket's group.
+  mode_t old_umask = umask(0117);
+  server_ = builder.BuildAndStart();
+  umask(old_umask);
+  if (!server_) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on unix:", options_.socket_path,
+                                               options_.listen_tcp.empty() ? "" : " or ",
+                                               options_.listen_tcp));
+  }
+  server_->GetHealthCheckService()->SetServingStatus(true);
+  BP_LOG(Info) << "serving on unix:" << options_.socket_path
+               << (options_.listen_tcp.empty() ? "" : absl::StrCat(" and tcp port ", tcp_port_))
+               << " state-dir=" << options_.state_dir;
+  return absl::OkStatus();
+}
+
+void Controller::Shutdown() {
+  if (server_) {
+    server_->GetHealthCheckService()->SetServingStatus(false);
+    // Streams (WatchDevices) notice cancellation within their poll interval.
+    server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    server_->Wait();
+    server_.reset();
+  }
+  if (manager_) {
+    manager_->Shutdown(options_.stop_workers_on_exit, std::chrono::seconds(30));
+    manager_.reset();
+  }
+  service_.reset();
+  registry_.reset();
+}
+
+}  // namespace blockplane::controller

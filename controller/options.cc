@@ -1,0 +1,116 @@
+#include "controller/options.h"
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+
+namespace blockplane::controller {
+
+std::string ControllerUsage() {
+  return R"(Usage: blockplaned [FLAGS]
+
+The blockplane controller: serves the DeviceService gRPC API (plus grpc.health.v1 and server
+reflection), persists devices in SQLite, and runs one blockplane-worker process per device.
+
+Flags:
+  --socket=PATH             unix socket for the API, mode 0660
+                            (default /run/blockplane/blockplane.sock)
+  --listen-tcp=HOST:PORT    also serve the API on TCP (plaintext; bind to loopback or a
+                            trusted network only). Port 0 picks a free port (logged).
+  --state-dir=DIR           registry.db and worker control sockets (default /var/lib/blockplane)
+  --backing-root=DIR        backing files and block devices must lie under DIR (repeatable);
+                            with none, every attach is refused
+  --worker-binary=PATH      worker executable (default: blockplane-worker next to blockplaned)
+  --stop-workers-on-exit    on SIGTERM/SIGINT, drain and stop every worker (default: leave them
+                            serving; the next blockplaned re-adopts them)
+  --max-restarts=N          a device is FAILED after more than N worker crashes within the
+                            restart window (default 5)
+  --restart-window=SECONDS  (default 60)
+  --metrics-host=HOST       workers serve /metrics on HOST with a kernel-chosen port
+                            (default: no worker metrics endpoint)
+  --log-level=LEVEL         debug, info, warning or error (default info)
+  --help                    this text
+)";
+}
+
+absl::StatusOr<ControllerOptions> ParseControllerFlags(int argc, char** argv) {
+  ControllerOptions o;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    std::string name = arg, value;
+    bool has_value = false;
+    if (size_t eq = arg.find('='); eq != std::string::npos) {
+      name = arg.substr(0, eq);
+      value = arg.substr(eq + 1);
+      has_value = true;
+    }
+    auto need = [&]() -> absl::Status {
+      if (has_value) return absl::OkStatus();
+      if (i + 1 < argc) {
+        value = argv[++i];
+        return absl::OkStatus();
+      }
+      return absl::InvalidArgumentError(absl::StrCat(name, " needs a value"));
+    };
+    auto number = [&](int* out, int min) -> absl::Status {
+      if (absl::Status s = need(); !s.ok()) return s;
+      if (!absl::SimpleAtoi(value, out) || *out < min) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(name, ": \"", value, "\" is not a whole number >= ", min));
+      }
+      return absl::OkStatus();
+    };
+    absl::Status s;
+    if (name == "--help" || name == "-h") {
+      o.help = true;
+    } else if (name == "--stop-workers-on-exit") {
+      o.stop_workers_on_exit = true;
+    } else if (name == "--socket") {
+      if ((s = need()).ok()) o.socket_path = value;
+    } else if (name == "--listen-tcp") {
+      if ((s = need()).ok()) o.listen_tcp = value;
+    } else if (name == "--state-dir") {
+      if ((s = need()).ok()) o.state_dir = value;
+    } else if (name == "--backing-root") {
+      if ((s = need()).ok()) {
+        if (value.empty() || value[0] != '/') {
+          s = absl::InvalidArgumentError(
+              absl::StrCat("--backing-root: \"", value, "\" must be an absolute path"));
+        } else {
+          o.backing_roots.emplace_back(value);
+        }
+      }
+    } else if (name == "--worker-binary") {
+      if ((s = need()).ok()) o.worker_binary = value;
+    } else if (name == "--log-level") {
+      common::LogLevel level;
+      if ((s = need()).ok()) {
+        if (!common::ParseLogLevel(value, &level)) {
+          s = absl::InvalidArgumentError(absl::StrCat("--log-level: unknown level \"", value,
+                                                      "\"; use debug, info, warning or error"));
+        } else {
+          o.log_level = value;
+        }
+      }
+    } else if (name == "--max-restarts") {
+      s = number(&o.max_restarts, 0);
+    } else if (name == "--restart-window") {
+      s = number(&o.restart_window_seconds, 1);
+    } else if (name == "--metrics-host") {
+      if ((s = need()).ok()) o.metrics_host = value;
+    } else {
+      s = absl::InvalidArgumentError(
+          absl::StrCat("unknown flag \"", arg, "\"; see blockplaned --help"));
+    }
+    if (!s.ok()) return s;
+  }
+  if (o.socket_path.empty() || o.socket_path[0] != '/') {
+    return absl::InvalidArgumentError("--socket must be an absolute path");
+  }
+  if (o.state_dir.empty() || o.state_dir[0] != '/') {
+    return absl::InvalidArgumentError("--state-dir must be an absolute path");
+  }
+  return o;
+}
+
+}  // namespace blockplane::controller

@@ -1,0 +1,29 @@
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "controller/device_manager.h"
+
+namespace blockplane::controller {
+
+struct ControllerOptions {
+  std::string socket_path = "/run/blockplane/blockplane.sock";
+  std::string listen_tcp;  // host:port, empty: no TCP listener
+  std::string state_dir = "/var/lib/blockplane";
+  std::vector<std::string> backing_roots;
+  std::string worker_binary;  // default: blockplane-worker next to blockplaned
+  bool stop_workers_on_exit = false;
+  std::string log_level = "info";
+  int max_restarts = 5;
+  int restart_window_seconds = 60;
+  std::string metrics_host;
+  bool help = false;
+};
+
+// Parses blockplaned's command line. INVALID_ARGUMENT names the bad flag.
+absl::StatusOr<ControllerOptions> ParseControllerFlags(int argc, char** argv);
+std::string ControllerUsage();
+
+}  // namespace blockplane::controller

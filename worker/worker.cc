@@ -1,0 +1,264 @@
+#include "worker/worker.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+#include "worker/backend/uring_backend.h"
+
+namespace blockplane::worker {
+namespace {
+
+CacheMode ToCacheMode(blockplane::v1::CacheMode mode) {
+  switch (mode) {
+    case blockplane::v1::CACHE_MODE_WRITEBACK:
+      return CacheMode::kWriteback;
+    case blockplane::v1::CACHE_MODE_WRITETHROUGH:
+      return CacheMode::kWritethrough;
+    default:
+      return CacheMode::kNone;
+  }
+}
+
+absl::StatusOr<common::UniqueFd> Listen(const std::string& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path)) {
+    return absl::InvalidArgumentError(absl::StrCat("control socket path too long: ", path));
+  }
+  memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  common::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd) return absl::InternalError(absl::StrCat("socket: ", strerror(errno)));
+  ::unlink(path.c_str());  // a previous generation's socket
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      ::listen(fd.get(), 4) != 0) {
+    return absl::InternalError(absl::StrCat("listen on ", path, ": ", strerror(errno)));
+  }
+  return fd;
+}
+
+}  // namespace
+
+Worker::Worker(internal::WorkerConfig config) : config_(std::move(config)) {}
+
+Worker::~Worker() {
+  if (loop_) {
+    if (conn_watch_) loop_->RemoveFd(conn_watch_);
+    if (listen_watch_) loop_->RemoveFd(listen_watch_);
+    if (signal_watch_) loop_->RemoveFd(signal_watch_);
+  }
+  backend_.reset();
+  if (listen_fd_) ::unlink(config_.control_socket().c_str());
+}
+
+absl::Status Worker::Init() {
+  absl::StatusOr<std::unique_ptr<common::EventLoop>> loop = common::EventLoop::Create();
+  if (!loop.ok()) return loop.status();
+  loop_ = std::move(*loop);
+
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  sigprocmask(SIG_BLOCK, &signals, nullptr);
+  signal_fd_.Reset(signalfd(-1, &signals, SFD_CLOEXEC | SFD_NONBLOCK));
+  if (!signal_fd_) return absl::InternalError(absl::StrCat("signalfd: ", strerror(errno)));
+  signal_watch_ = loop_->AddFd(signal_fd_.get(), POLLIN, [this](uint32_t) { OnSignal(); });
+
+  const blockplane::v1::BackendSpec& spec = config_.spec().backend();
+  UringBackend::Options options;
+  options.cache = ToCacheMode(spec.cache());
+  options.read_only = spec.read_only();
+  absl::StatusOr<std::unique_ptr<UringBackend>> backend =
+      UringBackend::Open(loop_.get(), spec.path(), options);
+  if (backend.ok()) {
+    size_bytes_ = (*backend)->Capacity();
+    backend_ = std::move(*backend);
+  } else {
+    open_error_ = absl::FailedPreconditionError(
+        absl::StrCat("cannot open ", spec.path(), ": ", backend.status().message(),
+                     spec.cache() == blockplane::v1::CACHE_MODE_NONE ||
+                             spec.cache() == blockplane::v1::CACHE_MODE_UNSPECIFIED
+                         ? " (cache mode none needs O_DIRECT; try cache writeback)"
+                         : ""));
+    state_ = internal::WORKER_STATE_FAILED;
+    exit_status_ = 1;
+    BP_LOG(Error) << open_error_.message();
+  }
+
+  absl::StatusOr<common::UniqueFd> listener = Listen(config_.control_socket());
+  if (!listener.ok()) return listener.status();
+  listen_fd_ = std::move(*listener);
+  listen_watch_ = loop_->AddFd(listen_fd_.get(), POLLIN, [this](uint32_t) { OnAccept(); });
+  BP_LOG(Info) << "serving device " << config_.device_id() << " generation " << config_.generation()
+               << " size " << size_bytes_ << " control " << config_.control_socket();
+  return absl::OkStatus();
+}
+
+int Worker::Run() {
+  loop_->Run();
+  return exit_status_;
+}
+
+void Worker::OnSignal() {
+  signalfd_siginfo info;
+  while (::read(signal_fd_.get(), &info, sizeof(info)) == sizeof(info)) {
+    BP_LOG(Info) << "received " << strsignal(static_cast<int>(info.ssi_signo)) << "; stopping";
+    BeginStop(0, false);
+  }
+}
+
+void Worker::OnAccept() {
+  for (;;) {
+    int fd = ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd < 0) return;
+    // The controller restarted (or reconnected): the newest connection is the controller.
+    CloseConnection();
+    conn_fd_.Reset(fd);
+    reader_ = common::FrameReader();
+    conn_watch_ = loop_->AddFd(fd, POLLIN, [this](uint32_t revents) {
+      absl::Status read = reader_.ReadAvailable(conn_fd_.get());
+      for (;;) {
+        absl::StatusOr<std::optional<std::string>> frame = reader_.NextFrame();
+        if (!frame.ok() || !frame->has_value()) {
+          if (!frame.ok()) read = frame.status();
+          break;
+        }
+        internal::ControlRequest request;
+        if (!request.ParseFromString(**frame)) {
+          read = absl::DataLossError("undecodable control request");
+          break;
+        }
+        HandleRequest(request);
+        if (!conn_fd_) return;  // closed while handling
+      }
+      if (!read.ok()) {
+        BP_LOG(Info) << "controller connection closed: " << read.message();
+        CloseConnection();
+      }
+    });
+  }
+}
+
+void Worker::CloseConnection() {
+  if (conn_watch_) loop_->RemoveFd(conn_watch_);
+  conn_watch_ = common::EventLoop::kInvalidFdWatch;
+  conn_fd_.Reset();
+}
+
+internal::WorkerStatus Worker::Status() const {
+  internal::WorkerStatus s;
+  s.set_device_id(config_.device_id());
+  s.set_generation(config_.generation());
+  s.set_pid(getpid());
+  s.set_state(state_);
+  s.set_size_bytes(size_bytes_);
+  if (!open_error_.ok()) s.set_error(std::string(open_error_.message()));
+  return s;
+}
+
+blockplane::v1::DeviceStats Worker::Stats() const {
+  blockplane::v1::DeviceStats stats;
+  stats.set_device_id(config_.device_id());
+  stats.set_size_bytes(size_bytes_);
+  stats.set_worker_generation(config_.generation());
+  return stats;
+}
+
+void Worker::Reply(uint64_t id, const absl::Status& status,
+                   const internal::WorkerStatus* status_message,
+                   const blockplane::v1::DeviceStats* stats) {
+  if (!conn_fd_) return;
+  internal::WorkerMessage message;
+  internal::ControlResponse* response = message.mutable_response();
+  response->set_id(id);
+  response->set_code(static_cast<int>(status.code()));
+  response->set_message(std::string(status.message()));
+  *response->mutable_status() = status_message ? *status_message : Status();
+  if (stats) *response->mutable_stats() = *stats;
+  if (absl::Status s = common::WriteFrame(conn_fd_.get(), message); !s.ok()) {
+    BP_LOG(Warning) << "reply to controller lost: " << s.message();
+    CloseConnection();
+  }
+}
+
+void Worker::SendEvent(const std::string& reason) {
+  if (!conn_fd_) return;
+  internal::WorkerMessage message;
+  *message.mutable_event()->mutable_status() = Status();
+  message.mutable_event()->set_reason(reason);
+  if (!common::WriteFrame(conn_fd_.get(), message).ok()) CloseConnection();
+}
+
+void Worker::SetState(internal::WorkerState state, const std::string& reason) {
+  if (state == state_) return;
+  BP_LOG(Info) << internal::WorkerState_Name(state_) << " -> " << internal::WorkerState_Name(state)
+               << " (" << reason << ")";
+  state_ = state;
+  SendEvent(reason);
+}
+
+void Worker::BeginStop(uint64_t reply_id, bool force) {
+  SetState(internal::WORKER_STATE_STOPPING, force ? "stop (force)" : "stop");
+  if (reply_id != 0) Reply(reply_id, absl::OkStatus());
+  loop_->Stop();
+}
+
+void Worker::HandleRequest(const internal::ControlRequest& request) {
+  const uint64_t id = request.id();
+  if (request.has_hello()) {
+    Reply(id, open_error_);
+    if (!open_error_.ok()) loop_->Stop();  // reported; nothing to serve
+    return;
+  }
+  if (!open_error_.ok()) {
+    Reply(id, open_error_);
+    return;
+  }
+  switch (request.body_case()) {
+    case internal::ControlRequest::kDrain:
+      if (state_ == internal::WORKER_STATE_WAITING_FOR_FRONTEND ||
+          state_ == internal::WORKER_STATE_CONNECTED) {
+        // Nothing is admitted without a frontend, so nothing is in flight: drained at once.
+        SetState(internal::WORKER_STATE_DRAINED, "drained");
+      }
+      Reply(id, absl::OkStatus());
+      return;
+    case internal::ControlRequest::kResume:
+      if (state_ == internal::WORKER_STATE_DRAINING || state_ == internal::WORKER_STATE_DRAINED) {
+        SetState(internal::WORKER_STATE_WAITING_FOR_FRONTEND, "resumed");
+      }
+      Reply(id, absl::OkStatus());
+      return;
+    case internal::ControlRequest::kResize: {
+      absl::Status grown = absl::OkStatus();
+      if (request.resize().size_bytes() > size_bytes_) {
+        grown = backend_->Grow(request.resize().size_bytes());
+      }
+      if (grown.ok()) size_bytes_ = request.resize().size_bytes();
+      Reply(id, grown);
+      if (grown.ok()) SendEvent("resized");
+      return;
+    }
+    case internal::ControlRequest::kStop:
+      BeginStop(id, request.stop().force());
+      return;
+    case internal::ControlRequest::kStats: {
+      blockplane::v1::DeviceStats stats = Stats();
+      Reply(id, absl::OkStatus(), nullptr, &stats);
+      return;
+    }
+    default:
+      Reply(id, absl::InvalidArgumentError("unknown control request"));
+  }
+}
+
+}  // namespace blockplane::worker

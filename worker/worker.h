@@ -1,0 +1,68 @@
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "blockplane/internal/worker.pb.h"
+#include "common/event_loop.h"
+#include "common/frame_channel.h"
+#include "common/unique_fd.h"
+#include "worker/backend/backend.h"
+
+namespace blockplane::worker {
+
+// One device's worker process: serves the controller's control channel and owns the device's
+// dataplane (backend, block layer, frontend). Everything runs on one EventLoop thread.
+//
+// Lifecycle: Init() opens the backing store and the control socket; Run() serves until a
+// StopRequest, SIGTERM or SIGINT; the socket file is removed on the way out. If the backing store
+// cannot be opened, the worker still answers the controller's Hello with the reason (so the
+// attach fails with a message that says what to fix) and then exits with status 1.
+class Worker {
+ public:
+  explicit Worker(internal::WorkerConfig config);
+  ~Worker();
+
+  // Opens the control socket (replacing a stale socket file) and the backend. A failure to open
+  // the backend is remembered and reported to the controller, not returned.
+  absl::Status Init();
+  // Serves until stopped. Returns the process exit status.
+  int Run();
+
+ private:
+  class ControlConnection;
+
+  void OnAccept();
+  void OnSignal();
+  void HandleRequest(const internal::ControlRequest& request);
+  void Reply(uint64_t id, const absl::Status& status,
+             const internal::WorkerStatus* status_message = nullptr,
+             const blockplane::v1::DeviceStats* stats = nullptr);
+  void SendEvent(const std::string& reason);
+  void SetState(internal::WorkerState state, const std::string& reason);
+  internal::WorkerStatus Status() const;
+  blockplane::v1::DeviceStats Stats() const;
+  void BeginStop(uint64_t reply_id, bool force);
+  void CloseConnection();
+
+  const internal::WorkerConfig config_;
+  std::unique_ptr<common::EventLoop> loop_;
+  common::UniqueFd listen_fd_;
+  common::EventLoop::FdWatch listen_watch_ = common::EventLoop::kInvalidFdWatch;
+  common::UniqueFd signal_fd_;
+  common::EventLoop::FdWatch signal_watch_ = common::EventLoop::kInvalidFdWatch;
+
+  // The controller's connection; a new connection (controller restarted) replaces the old one.
+  common::UniqueFd conn_fd_;
+  common::EventLoop::FdWatch conn_watch_ = common::EventLoop::kInvalidFdWatch;
+  common::FrameReader reader_;
+
+  std::unique_ptr<Backend> backend_;
+  absl::Status open_error_;  // why the backend could not be opened
+  internal::WorkerState state_ = internal::WORKER_STATE_WAITING_FOR_FRONTEND;
+  uint64_t size_bytes_ = 0;
+  int exit_status_ = 0;
+};
+
+}  // namespace blockplane::worker
