@@ -12,10 +12,13 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "common/event_loop.h"
 #include "gtest/gtest.h"
 #include "worker/backend/backend.h"
+#include "worker/block/block_device.h"
 
 namespace blockplane::worker::testing {
 
@@ -50,6 +53,10 @@ class AlignedBuffer {
     data_ = static_cast<uint8_t*>(
         aligned_alloc(alignment, (size + alignment - 1) / alignment * alignment));
   }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  AlignedBuffer(AlignedBuffer&& other) noexcept
+      : data_(std::exchange(other.data_, nullptr)), size_(other.size_) {}
   ~AlignedBuffer() { free(data_); }
   uint8_t* data() { return data_; }
   size_t size() const { return size_; }
@@ -75,5 +82,28 @@ inline int RunToCompletion(common::EventLoop* loop, Waiter* waiter) {
   loop->RunUntil([&] { return waiter->done; });
   return waiter->result;
 }
+
+}  // namespace blockplane::worker::testing
+
+namespace blockplane::worker::testing {
+
+// Records a block-layer completion, and the order in which completions ran.
+class BlockResult final : public BlockCompletion {
+ public:
+  BlockResult() = default;
+  explicit BlockResult(std::vector<int>* order, int id) : order_(order), id_(id) {}
+  void OnBlockComplete(int result) override {
+    EXPECT_FALSE(done) << "completed twice";
+    this->result = result;
+    done = true;
+    if (order_ != nullptr) order_->push_back(id_);
+  }
+  bool done = false;
+  int result = 1;
+
+ private:
+  std::vector<int>* order_ = nullptr;
+  int id_ = 0;
+};
 
 }  // namespace blockplane::worker::testing
