@@ -111,6 +111,9 @@ absl::Status Controller::Start() {
     builder.AddListeningPort(options_.listen_tcp, grpc::InsecureServerCredentials(), &tcp_port_);
   }
   builder.RegisterService(service_.get());
+  // Sync-server pollers notice shutdown only when their completion-queue wait times out; the
+  // default (1 s) made every shutdown take seconds.
+  builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::CQ_TIMEOUT_MSEC, 50);
   // The socket gets mode 0660: the API is for root and the socket's group.
   mode_t old_umask = umask(0117);
   server_ = builder.BuildAndStart();
@@ -130,14 +133,18 @@ absl::Status Controller::Start() {
 void Controller::Shutdown() {
   if (server_) {
     server_->GetHealthCheckService()->SetServingStatus(false);
-    // Streams (WatchDevices) notice cancellation within their poll interval.
-    server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    // Watch streams would otherwise run until the deadline; unary calls get up to 2 s to finish.
+    if (manager_) manager_->CloseWatches();
+    server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    BP_LOG(Debug) << "API server stopped accepting calls";
     server_->Wait();
     server_.reset();
+    BP_LOG(Debug) << "API server stopped";
   }
   if (manager_) {
     manager_->Shutdown(options_.stop_workers_on_exit, std::chrono::seconds(30));
     manager_.reset();
+    BP_LOG(Debug) << "device monitors stopped";
   }
   service_.reset();
   registry_.reset();

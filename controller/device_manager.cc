@@ -73,7 +73,8 @@ v1::FrontendKind KindOf(const v1::DeviceSpec& spec) {
 absl::StatusOr<std::optional<v1::DeviceEvent>> WatchSubscription::Next(
     std::chrono::milliseconds wait) {
   std::unique_lock lock(mu_);
-  cv_.wait_for(lock, wait, [&] { return !queue_.empty() || overflowed_; });
+  cv_.wait_for(lock, wait, [&] { return !queue_.empty() || overflowed_ || closed_; });
+  if (closed_) return absl::UnavailableError("blockplaned is shutting down; watch again later");
   if (overflowed_) {
     return absl::ResourceExhaustedError(absl::StrCat("the watcher fell more than ", kMaxQueued,
                                                      " events behind; watch again to resync"));
@@ -92,6 +93,12 @@ void WatchSubscription::Push(const v1::DeviceEvent& event) {
   } else {
     queue_.push_back(event);
   }
+  cv_.notify_all();
+}
+
+void WatchSubscription::Close() {
+  std::lock_guard lock(mu_);
+  closed_ = true;
   cv_.notify_all();
 }
 
@@ -334,6 +341,14 @@ absl::Status DeviceManager::Start() {
     worker->Call(stop, Clock::now() + std::chrono::seconds(5)).IgnoreError();
   }
   return absl::OkStatus();
+}
+
+void DeviceManager::CloseWatches() {
+  std::lock_guard lock(mu_);
+  for (auto& weak : watchers_) {
+    if (std::shared_ptr<WatchSubscription> w = weak.lock()) w->Close();
+  }
+  watchers_.clear();
 }
 
 void DeviceManager::Shutdown(bool stop_workers, std::chrono::milliseconds timeout) {

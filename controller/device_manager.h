@@ -49,12 +49,14 @@ class WatchSubscription {
  private:
   friend class DeviceManager;
   void Push(const v1::DeviceEvent& event);
+  void Close();
 
   const std::string device_id_;  // empty: all devices
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<v1::DeviceEvent> queue_;
   bool overflowed_ = false;
+  bool closed_ = false;
 };
 
 // Owns the desired and observed state of every device. Gives the gRPC layer a plain C++ API (no
@@ -71,6 +73,9 @@ class DeviceManager {
 
   // Loads the registry; re-adopts workers that are still running and respawns the others.
   absl::Status Start();
+  // Ends every WatchDevices stream (Next returns UNAVAILABLE), so that the API server can stop
+  // without waiting for them.
+  void CloseWatches();
   // Stops the monitor threads, leaving workers running; with stop_workers, first asks every worker
   // to drain and exit (waiting up to `timeout` in all).
   void Shutdown(bool stop_workers, std::chrono::milliseconds timeout);
