@@ -1,8 +1,9 @@
 // bp-xenhost: the emulated Xen host (xenstored + hypervisor) for tests and the demo.
 //
-//   bp-xenhost --run-dir DIR [--domain ID]... [--log-level debug|info|warning|error]
+//   bp-xenhost --run-dir DIR [--domain ID[:PAGES[:GRANTS]]]... [--log-level LEVEL]
 //
-// Creates the sockets described in xen_host.h under DIR, introduces each --domain, prints
+// Creates the sockets described in xen_host.h under DIR, creates each --domain (default 1024
+// pages = 4 MiB of guest memory and 1024 grant entries) and introduces it to xenstored, prints
 // "READY <DIR>" on stdout once everything listens, and runs until SIGINT or SIGTERM.
 
 #include <signal.h>
@@ -35,7 +36,12 @@ int main(int argc, char** argv) {
   using namespace blockplane;
   common::SetLogComponent("bp-xenhost");
   harness::XenHostOptions options;
-  std::vector<harness::DomainId> domains;
+  struct DomainSpec {
+    uint32_t domid = 0;
+    uint32_t pages = 1024;
+    uint32_t grants = 1024;
+  };
+  std::vector<DomainSpec> domains;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     if (i + 1 >= argc) return Usage();
@@ -43,10 +49,20 @@ int main(int argc, char** argv) {
     if (arg == "--run-dir") {
       options.run_dir = value;
     } else if (arg == "--domain") {
-      harness::DomainId domid = 0;
-      auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), domid);
-      if (ec != std::errc() || end != value.data() + value.size() || domid == 0) return Usage();
-      domains.push_back(domid);
+      DomainSpec spec;
+      uint32_t* fields[] = {&spec.domid, &spec.pages, &spec.grants};
+      const char* cursor = value.data();
+      const char* end = value.data() + value.size();
+      for (uint32_t* field : fields) {
+        auto [next, ec] = std::from_chars(cursor, end, *field);
+        if (ec != std::errc()) return Usage();
+        cursor = next;
+        if (cursor == end) break;
+        if (*cursor != ':') return Usage();
+        ++cursor;
+      }
+      if (cursor != end || spec.domid == 0) return Usage();
+      domains.push_back(spec);
     } else if (arg == "--log-level") {
       common::LogLevel level;
       if (!common::ParseLogLevel(value, &level)) return Usage();
@@ -62,8 +78,9 @@ int main(int argc, char** argv) {
     BP_LOG(Error) << "cannot start: " << host.status();
     return 1;
   }
-  for (harness::DomainId domid : domains) {
-    if (absl::Status status = (*host)->IntroduceDomain(domid); !status.ok()) {
+  for (const DomainSpec& spec : domains) {
+    if (absl::Status status = (*host)->CreateDomain(spec.domid, spec.pages, spec.grants);
+        !status.ok()) {
       BP_LOG(Error) << status;
       return 1;
     }

@@ -55,7 +55,11 @@ absl::Status PollLoop::Run() {
     }
     for (int i = 0; i < count; ++i) {
       int fd = events[i].data.fd;
-      if (fd == stop_fd_.get()) return absl::OkStatus();
+      if (fd == stop_fd_.get()) {
+        uint64_t count;
+        [[maybe_unused]] ssize_t got = ::read(stop_fd_.get(), &count, sizeof(count));
+        return absl::OkStatus();  // Run() may be called again later
+      }
       auto it = callbacks_.find(fd);
       if (it == callbacks_.end()) continue;  // removed by an earlier callback in this batch
       std::shared_ptr<Callback> callback = it->second;

@@ -6,7 +6,18 @@
 
 namespace blockplane::harness {
 
-XenHost::XenHost(const XenHostOptions& options) : options_(options), xenstored_(&loop_) {
+XenHost::XenHost(const XenHostOptions& options)
+    : options_(options), xenstored_(&loop_), hypervisor_(&loop_, options.run_dir) {
+  hypervisor_.set_domain_hooks(Hypervisor::DomainHooks{
+      [this](DomainId domid) {
+        int error = OnIntroduce(domid);
+        if (error == 0) xenstored_.FireSpecialWatch("@introduceDomain");
+        return error;
+      },
+      [this](DomainId domid) {
+        if (OnRelease(domid) == 0) xenstored_.FireSpecialWatch("@releaseDomain");
+      },
+  });
   xenstored_.set_domain_hooks(Xenstored::DomainHooks{
       [this](DomainId domid) { return OnIntroduce(domid); },
       [this](DomainId domid) { return OnRelease(domid); },
@@ -24,6 +35,7 @@ absl::StatusOr<std::unique_ptr<XenHost>> XenHost::Create(const XenHostOptions& o
       !status.ok()) {
     return status;
   }
+  if (absl::Status status = host->hypervisor_.Start(); !status.ok()) return status;
   // The tree a toolstack starts with: /local/domain/0 and /tool, readable by dom0 only.
   host->xenstored_.WriteAsDom0("/local/domain/0/name", "Domain-0");
   host->xenstored_.WriteAsDom0("/local/domain/0/domid", "0");
@@ -42,6 +54,18 @@ absl::Status XenHost::IntroduceDomain(DomainId domid) {
                                          " failed: errno " + std::to_string(error));
   }
   xenstored_.FireSpecialWatch("@introduceDomain");
+  return absl::OkStatus();
+}
+
+absl::Status XenHost::CreateDomain(DomainId domid, uint32_t pages, uint32_t grant_entries) {
+  if (int error = hypervisor_.CreateDomain(domid, pages, grant_entries)) {
+    return absl::FailedPreconditionError("create domain " + std::to_string(domid) +
+                                         " failed: errno " + std::to_string(error));
+  }
+  if (absl::Status status = IntroduceDomain(domid); !status.ok()) {
+    hypervisor_.DestroyDomain(domid);
+    return status;
+  }
   return absl::OkStatus();
 }
 

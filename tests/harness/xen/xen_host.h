@@ -5,9 +5,14 @@
 //
 //   <run_dir>/xenstored            xenstore socket for dom0 (XENSTORED_PATH for tools and backends)
 //   <run_dir>/xenstored.<domid>    xenstore socket of an introduced guest (acts as that domain)
+//   <run_dir>/hypervisor           emulated hypervisor socket for dom0
+//   (common/xen/emulated_protocol.h) <run_dir>/hypervisor.<domid>   emulated hypervisor socket of
+//   guest <domid>
 //
-// Guests are introduced with XS_INTRODUCE (xs_introduce_domain, or CreateDomain below), which
-// creates the guest's socket and /local/domain/<domid> owned by the guest; XS_RELEASE removes both.
+// A guest is created by CreateDomain() (or kCreateDomain on the hypervisor socket, or
+// bp-xenhost --domain): memory, grant table, its hypervisor socket, and its introduction to
+// xenstored. Introduction alone (XS_INTRODUCE, xs_introduce_domain) creates the guest's xenstore
+// socket and /local/domain/<domid> owned by the guest; XS_RELEASE removes the socket.
 //
 // Threading: Run() owns all state on the calling thread; Stop() may be called from any thread.
 // StartThread()/StopThread() run the loop on a background thread for in-process tests.
@@ -18,6 +23,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "tests/harness/xen/hypervisor.h"
 #include "tests/harness/xen/poll_loop.h"
 #include "tests/harness/xen/xenstore_tree.h"
 #include "tests/harness/xen/xenstored.h"
@@ -37,6 +43,8 @@ class XenHost {
 
   // Introduces a guest to xenstored (as XS_INTRODUCE does). Loop thread or before Run() only.
   absl::Status IntroduceDomain(DomainId domid);
+  // Creates a guest (memory, grant table) and introduces it. Loop thread or before Run() only.
+  absl::Status CreateDomain(DomainId domid, uint32_t pages, uint32_t grant_entries);
 
   absl::Status Run();
   void Stop();
@@ -45,6 +53,7 @@ class XenHost {
   absl::Status StopThread();
 
   std::string XenstoredSocket(DomainId domid) const;
+  std::string HypervisorSocket(DomainId domid) const { return hypervisor_.SocketPath(domid); }
 
  private:
   explicit XenHost(const XenHostOptions& options);
@@ -54,6 +63,7 @@ class XenHost {
   XenHostOptions options_;
   PollLoop loop_;
   Xenstored xenstored_;
+  Hypervisor hypervisor_;
   std::thread thread_;
   absl::Status thread_status_;
 };

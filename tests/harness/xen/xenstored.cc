@@ -1,6 +1,7 @@
 #include "tests/harness/xen/xenstored.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/un.h>

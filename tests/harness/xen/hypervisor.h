@@ -1,0 +1,89 @@
+#pragma once
+
+// The emulated hypervisor: per guest domain, guest memory (a memfd of pages; frame = page index),
+// a grant table (grant_entry_v1_t, memfd) and the active-grant table (memfd, dom0 only), plus
+// interdomain event channels as eventfd pairs. Served on SOCK_SEQPACKET sockets with the protocol
+// in common/xen/emulated_protocol.h; the socket a request arrives on names the calling domain.
+//
+// Threading: everything runs on the PollLoop's thread.
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "common/unique_fd.h"
+#include "common/xen/emulated_protocol.h"
+#include "tests/harness/xen/poll_loop.h"
+#include "tests/harness/xen/xenstore_tree.h"
+
+namespace blockplane::harness {
+
+class Hypervisor {
+ public:
+  // Called when a domain is created or destroyed through the socket, so that the host can
+  // introduce it to or release it from xenstored. Returns 0 or an errno.
+  struct DomainHooks {
+    std::function<int(DomainId)> created;
+    std::function<void(DomainId)> destroyed;
+  };
+
+  Hypervisor(PollLoop* loop, std::string run_dir);
+  ~Hypervisor();
+  Hypervisor(const Hypervisor&) = delete;
+  Hypervisor& operator=(const Hypervisor&) = delete;
+
+  void set_domain_hooks(DomainHooks hooks) { hooks_ = std::move(hooks); }
+
+  // Listens on <run_dir>/hypervisor for dom0. Call once before Run().
+  absl::Status Start();
+  // Creates a guest with `pages` of memory and `grant_entries` grants and its socket
+  // <run_dir>/hypervisor.<domid>. Returns 0 or an errno (EEXIST, EINVAL, ENOMEM).
+  int CreateDomain(DomainId domid, uint32_t pages, uint32_t grant_entries);
+  int DestroyDomain(DomainId domid);
+
+  std::string SocketPath(DomainId domid) const;
+
+  static constexpr uint32_t kMaxPages = 1u << 18;         // 1 GiB per guest
+  static constexpr uint32_t kMaxGrantEntries = 1u << 16;  // more than Xen's default 32 frames
+
+ private:
+  struct Channel {
+    common::UniqueFd wake[2];  // wake[side] is readable when the other side notified `side`
+  };
+  struct Port {
+    DomainId remote_domid = 0;
+    uint32_t remote_port = 0;  // 0 while unbound
+    bool bound = false;
+    std::shared_ptr<Channel> channel;
+    int side = 0;
+  };
+  struct Domain {
+    uint32_t pages = 0;
+    uint32_t grant_entries = 0;
+    common::UniqueFd memory;
+    common::UniqueFd grant_table;
+    common::UniqueFd active;
+    common::UniqueFd listener;  // guests only
+    std::map<uint32_t, Port> ports;
+    uint32_t next_port = 1;
+  };
+
+  absl::Status Listen(DomainId domid);
+  void Accept(DomainId domid, int listen_fd);
+  void OnRequest(DomainId domid, int fd);
+  void Handle(DomainId caller, const common::xen::emulated::HypervisorRequest& request,
+              common::xen::emulated::HypervisorReply* reply, std::vector<int>* fds);
+  Domain& DomainOf(DomainId domid);  // creates dom0's (memory-less) entry on demand
+
+  PollLoop* loop_;
+  std::string run_dir_;
+  DomainHooks hooks_;
+  common::UniqueFd dom0_listener_;
+  std::map<DomainId, Domain> domains_;
+  std::map<int, common::UniqueFd> connections_;  // fd -> owner
+};
+
+}  // namespace blockplane::harness

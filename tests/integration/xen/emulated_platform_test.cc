@@ -1,0 +1,455 @@
+// The emulated XenPlatform against the emulated Xen host: grants mapped and copied with the
+// hypervisor's checks, event channels, and xenstore through the real libxenstore.
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdint.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <xen/grant_table.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common/xen/host_platform.h"
+#include "common/xen/xen_platform.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/harness/xen/guest_domain.h"
+#include "tests/harness/xen/test_support.h"
+#include "tests/harness/xen/xen_host.h"
+
+namespace blockplane::harness {
+namespace {
+
+using common::xen::CreateEmulatedXenPlatform;
+using common::xen::EmulatedXenOptions;
+using common::xen::EventChannel;
+using common::xen::GrantCopySegment;
+using common::xen::GrantMapping;
+using common::xen::GrantRef;
+using common::xen::kXenPageSize;
+using common::xen::StatusToErrno;
+using common::xen::XenPlatform;
+using common::xen::XenStorePermission;
+using common::xen::XenStoreWatchEvent;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::UnorderedElementsAre;
+
+constexpr common::xen::DomainId kGuest = 1;
+constexpr uint32_t kGuestPages = 64;
+constexpr uint32_t kGuestGrants = 32;
+
+bool WaitReadable(int fd, int timeout_ms = 5000) {
+  pollfd pfd{fd, POLLIN, 0};
+  return poll(&pfd, 1, timeout_ms) == 1;
+}
+
+bool IsReadable(int fd) { return WaitReadable(fd, 0); }
+
+// The protection of the mapping that contains `addr`, from /proc/self/maps ("r--s", "rw-s"...).
+std::string ProtectionOf(const void* addr) {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  uintptr_t target = reinterpret_cast<uintptr_t>(addr);
+  while (std::getline(maps, line)) {
+    uintptr_t start = 0;
+    uintptr_t end = 0;
+    char perms[5] = {};
+    if (sscanf(line.c_str(), "%lx-%lx %4s", &start, &end, perms) == 3 && target >= start &&
+        target < end) {
+      return perms;
+    }
+  }
+  return "";
+}
+
+class EmulatedPlatformTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_FALSE(dir_.path().empty());
+    auto host = XenHost::Create(XenHostOptions{dir_.path()});
+    ASSERT_TRUE(host.ok()) << host.status();
+    host_ = std::move(*host);
+    ASSERT_TRUE(host_->CreateDomain(kGuest, kGuestPages, kGuestGrants).ok());
+    host_->StartThread();
+
+    auto dom0 = CreateEmulatedXenPlatform(EmulatedXenOptions{dir_.path(), 0});
+    ASSERT_TRUE(dom0.ok()) << dom0.status();
+    dom0_ = std::move(*dom0);
+    auto guest_platform = CreateEmulatedXenPlatform(EmulatedXenOptions{dir_.path(), kGuest});
+    ASSERT_TRUE(guest_platform.ok()) << guest_platform.status();
+    guest_platform_ = std::move(*guest_platform);
+    auto guest = GuestDomain::Connect(dir_.path(), kGuest);
+    ASSERT_TRUE(guest.ok()) << guest.status();
+    guest_ = std::move(*guest);
+  }
+  void TearDown() override {
+    guest_.reset();
+    guest_platform_.reset();
+    dom0_.reset();
+    if (host_) {
+      EXPECT_TRUE(host_->StopThread().ok());
+    }
+  }
+
+  TempDir dir_;
+  std::unique_ptr<XenHost> host_;
+  std::unique_ptr<XenPlatform> dom0_;
+  std::unique_ptr<XenPlatform> guest_platform_;
+  std::unique_ptr<GuestDomain> guest_;
+};
+
+TEST_F(EmulatedPlatformTest, WritableMappingSharesGuestMemoryAndSetsInUseFlags) {
+  std::memset(guest_->Page(5).data(), 0xab, kXenPageSize);
+  ASSERT_TRUE(guest_->GrantAccess(3, 0, 5, /*readonly=*/false).ok());
+
+  auto mapping = dom0_->grant_table().MapOne(kGuest, 3, /*writable=*/true);
+  ASSERT_TRUE(mapping.ok()) << mapping.status();
+  EXPECT_EQ((*mapping)->size(), kXenPageSize);
+  EXPECT_EQ((*mapping)->data()[0], std::byte{0xab});
+  EXPECT_EQ((*mapping)->data()[kXenPageSize - 1], std::byte{0xab});
+  EXPECT_EQ(ProtectionOf((*mapping)->data()), "rw-s");
+  EXPECT_EQ(guest_->EntryFlags(3) & (GTF_reading | GTF_writing), GTF_reading | GTF_writing);
+  EXPECT_FALSE(guest_->EndAccess(3));  // in use: the guest cannot revoke it
+
+  (*mapping)->data()[100] = std::byte{0x11};
+  EXPECT_EQ(guest_->Page(5)[100], std::byte{0x11});
+
+  ASSERT_TRUE((*mapping)->Unmap().ok());
+  EXPECT_EQ(guest_->EntryFlags(3) & (GTF_reading | GTF_writing), 0);
+  EXPECT_TRUE(guest_->EndAccess(3));
+  EXPECT_EQ(guest_->EntryFlags(3), 0);
+}
+
+TEST_F(EmulatedPlatformTest, ReadOnlyGrantMapsReadOnlyAndRefusesWritable) {
+  ASSERT_TRUE(guest_->GrantAccess(4, 0, 6, /*readonly=*/true).ok());
+  auto writable = dom0_->grant_table().MapOne(kGuest, 4, /*writable=*/true);
+  ASSERT_FALSE(writable.ok());
+  EXPECT_EQ(StatusToErrno(writable.status()), EINVAL);
+  EXPECT_EQ(guest_->EntryFlags(4), GTF_permit_access | GTF_readonly);  // no pin left behind
+
+  auto readonly = dom0_->grant_table().MapOne(kGuest, 4, /*writable=*/false);
+  ASSERT_TRUE(readonly.ok()) << readonly.status();
+  EXPECT_FALSE((*readonly)->writable());
+  EXPECT_EQ(ProtectionOf((*readonly)->data()), "r--s");
+  EXPECT_EQ(guest_->EntryFlags(4) & (GTF_reading | GTF_writing), GTF_reading);
+}
+
+TEST_F(EmulatedPlatformTest, MapChecksWhatTheHypervisorChecks) {
+  auto& grants = dom0_->grant_table();
+  // Out of range ref.
+  auto result = grants.MapOne(kGuest, kGuestGrants, false);
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(StatusToErrno(result.status()), EINVAL);
+  EXPECT_THAT(result.status().message(), HasSubstr("GNTST_bad_gntref"));
+  // Never granted (flags 0).
+  result = grants.MapOne(kGuest, 7, false);
+  ASSERT_FALSE(result.ok());
+  EXPECT_THAT(result.status().message(), HasSubstr("GNTST_general_error"));
+  // Granted to another domain.
+  ASSERT_TRUE(guest_->GrantAccess(8, 2, 1, false).ok());
+  result = grants.MapOne(kGuest, 8, false);
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(StatusToErrno(result.status()), EINVAL);
+  // A hostile guest names a frame outside its memory.
+  ASSERT_TRUE(guest_->GrantAccess(9, 0, 1, false).ok());
+  guest_->RawEntry(9)->frame = kGuestPages;
+  result = grants.MapOne(kGuest, 9, false);
+  ASSERT_FALSE(result.ok());
+  EXPECT_THAT(result.status().message(), HasSubstr("GNTST_bad_page"));
+  EXPECT_EQ(guest_->EntryFlags(9) & (GTF_reading | GTF_writing), 0);
+  // Sub-page and transitive grants are not mappable.
+  ASSERT_TRUE(guest_->GrantAccess(10, 0, 1, false).ok());
+  guest_->RawEntry(10)->flags = GTF_permit_access | GTF_sub_page;
+  EXPECT_FALSE(grants.MapOne(kGuest, 10, false).ok());
+  guest_->RawEntry(10)->flags = GTF_transitive;
+  EXPECT_FALSE(grants.MapOne(kGuest, 10, false).ok());
+  // Unknown domain.
+  result = grants.MapOne(42, 0, false);
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(StatusToErrno(result.status()), ENOENT);  // ESRCH from the hypervisor
+}
+
+TEST_F(EmulatedPlatformTest, MultiRefMapIsAllOrNothingAndContiguous) {
+  for (GrantRef ref = 0; ref < 3; ++ref) {
+    ASSERT_TRUE(guest_->GrantAccess(ref, 0, 10 + ref, false).ok());
+    guest_->Page(10 + ref)[0] = std::byte{static_cast<uint8_t>(ref + 1)};
+  }
+  std::vector<GrantRef> refs = {0, 1, 2, 20};  // 20 was never granted
+  auto failed = dom0_->grant_table().Map(kGuest, refs, true);
+  ASSERT_FALSE(failed.ok());
+  for (GrantRef ref = 0; ref < 3; ++ref) {
+    EXPECT_EQ(guest_->EntryFlags(ref) & (GTF_reading | GTF_writing), 0) << ref;
+  }
+  refs.pop_back();
+  auto mapping = dom0_->grant_table().Map(kGuest, refs, true);
+  ASSERT_TRUE(mapping.ok()) << mapping.status();
+  ASSERT_EQ((*mapping)->size(), 3 * kXenPageSize);
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ((*mapping)->page(i)[0], std::byte(i + 1));
+  // Two mappings of one grant: flags stay until the last one goes.
+  auto second = dom0_->grant_table().MapOne(kGuest, 1, false);
+  ASSERT_TRUE(second.ok());
+  mapping->reset();  // destruction unmaps
+  EXPECT_EQ(guest_->EntryFlags(0) & GTF_reading, 0);
+  EXPECT_EQ(guest_->EntryFlags(1) & (GTF_reading | GTF_writing), GTF_reading);
+  second->reset();
+  EXPECT_EQ(guest_->EntryFlags(1) & GTF_reading, 0);
+}
+
+TEST_F(EmulatedPlatformTest, MaxGrantsBoundsMappedPages) {
+  auto& grants = dom0_->grant_table();
+  ASSERT_TRUE(grants.SetMaxGrants(2).ok());
+  EXPECT_EQ(grants.MaxGrants(), 2u);
+  for (GrantRef ref = 0; ref < 3; ++ref) ASSERT_TRUE(guest_->GrantAccess(ref, 0, ref, false).ok());
+  std::vector<GrantRef> three = {0, 1, 2};
+  EXPECT_EQ(StatusToErrno(grants.Map(kGuest, three, false).status()), EINVAL);
+  auto first = grants.MapOne(kGuest, 0, false);
+  auto second = grants.MapOne(kGuest, 1, false);
+  ASSERT_TRUE(first.ok());
+  ASSERT_TRUE(second.ok());
+  EXPECT_FALSE(grants.MapOne(kGuest, 2, false).ok());
+  first->reset();
+  EXPECT_TRUE(grants.MapOne(kGuest, 2, false).ok());
+}
+
+TEST_F(EmulatedPlatformTest, GrantCopyBothWaysWithPerSegmentStatus) {
+  ASSERT_TRUE(guest_->GrantAccess(1, 0, 20, false).ok());
+  ASSERT_TRUE(guest_->GrantAccess(2, 0, 21, /*readonly=*/true).ok());
+  std::memcpy(guest_->Page(20).data() + 100, "from-guest", 10);
+
+  char in[10] = {};
+  char out[] = "to-guest!";
+  char spare[8] = {};
+  std::vector<GrantCopySegment> segments = {
+      {GrantCopySegment::Direction::kFromGrant, kGuest, 1, 100, 10, in, 1},
+      {GrantCopySegment::Direction::kToGrant, kGuest, 1, 4000, 9, out, 1},
+      {GrantCopySegment::Direction::kToGrant, kGuest, 1, 4090, 8, spare, 1},  // crosses the page
+      {GrantCopySegment::Direction::kToGrant, kGuest, 2, 0, 8, spare, 1},     // read-only grant
+      {GrantCopySegment::Direction::kFromGrant, kGuest, 99, 0, 8, spare, 1},  // bad ref
+  };
+  ASSERT_TRUE(dom0_->grant_table().Copy(segments).ok());
+  EXPECT_EQ(segments[0].status, GNTST_okay);
+  EXPECT_EQ(std::string(in, 10), "from-guest");
+  EXPECT_EQ(segments[1].status, GNTST_okay);
+  EXPECT_EQ(std::memcmp(guest_->Page(20).data() + 4000, "to-guest!", 9), 0);
+  EXPECT_EQ(segments[2].status, GNTST_bad_copy_arg);
+  EXPECT_EQ(segments[3].status, GNTST_general_error);
+  EXPECT_EQ(segments[4].status, GNTST_bad_gntref);
+  EXPECT_EQ(guest_->EntryFlags(1) & (GTF_reading | GTF_writing), 0);  // copy pins are released
+}
+
+TEST_F(EmulatedPlatformTest, GuestCannotMapOrReadOtherDomainsMemory) {
+  ASSERT_TRUE(host_->StopThread().ok());  // CreateDomain runs on the loop thread only
+  ASSERT_TRUE(host_->CreateDomain(2, 8, 8).ok());
+  host_->StartThread();
+  auto mapping = guest_platform_->grant_table().MapOne(2, 0, false);
+  ASSERT_FALSE(mapping.ok());
+  EXPECT_EQ(StatusToErrno(mapping.status()), EACCES);  // EPERM from the hypervisor
+}
+
+TEST_F(EmulatedPlatformTest, EventChannelsNotifyBothWays) {
+  auto unbound = guest_platform_->AllocUnbound(0);
+  ASSERT_TRUE(unbound.ok()) << unbound.status();
+  std::unique_ptr<EventChannel> frontend = std::move(*unbound);
+
+  // Only the domain the port is offered to may bind it, and only once.
+  EXPECT_EQ(StatusToErrno(dom0_->BindInterdomain(kGuest, frontend->local_port() + 100).status()),
+            EINVAL);
+  auto bound = dom0_->BindInterdomain(kGuest, frontend->local_port());
+  ASSERT_TRUE(bound.ok()) << bound.status();
+  std::unique_ptr<EventChannel> backend = std::move(*bound);
+  EXPECT_EQ(StatusToErrno(dom0_->BindInterdomain(kGuest, frontend->local_port()).status()), EINVAL);
+
+  EXPECT_FALSE(IsReadable(backend->ReadinessFd()));
+  ASSERT_TRUE(frontend->Notify().ok());
+  ASSERT_TRUE(WaitReadable(backend->ReadinessFd()));
+  EXPECT_FALSE(IsReadable(frontend->ReadinessFd()));  // notifications go to the other end
+  EXPECT_EQ(backend->Ack().value_or(false), true);
+  EXPECT_EQ(backend->Ack().value_or(true), false);
+  EXPECT_FALSE(IsReadable(backend->ReadinessFd()));
+
+  ASSERT_TRUE(backend->Notify().ok());
+  ASSERT_TRUE(backend->Notify().ok());  // coalesced, like a pending bit
+  ASSERT_TRUE(WaitReadable(frontend->ReadinessFd()));
+  EXPECT_EQ(frontend->Ack().value_or(false), true);
+  EXPECT_EQ(frontend->Ack().value_or(true), false);
+
+  // When the backend closes, the frontend's port is unbound again and can be re-bound.
+  uint32_t port = frontend->local_port();
+  backend.reset();
+  auto rebound = dom0_->BindInterdomain(kGuest, port);
+  ASSERT_TRUE(rebound.ok()) << rebound.status();
+  ASSERT_TRUE((*rebound)->Notify().ok());
+  EXPECT_TRUE(WaitReadable(frontend->ReadinessFd()));
+}
+
+TEST_F(EmulatedPlatformTest, XenStoreThroughThePlatform) {
+  auto& store = dom0_->xenstore();
+  ASSERT_TRUE(store.Write("/backend/vbd/1/51712/state", "2", common::xen::kNoTransaction).ok());
+  EXPECT_EQ(store.Read("/backend/vbd/1/51712/state", common::xen::kNoTransaction).value_or(""),
+            "2");
+  EXPECT_THAT(store.Directory("/backend/vbd/1", common::xen::kNoTransaction)
+                  .value_or(std::vector<std::string>{}),
+              ElementsAre("51712"));
+  EXPECT_EQ(StatusToErrno(store.Read("/nope", common::xen::kNoTransaction).status()), ENOENT);
+  ASSERT_TRUE(store.Mkdir("/backend/empty", common::xen::kNoTransaction).ok());
+  ASSERT_TRUE(store.Remove("/backend/empty", common::xen::kNoTransaction).ok());
+
+  std::vector<XenStorePermission> perms = {{0, XenStorePermission::Access::kNone},
+                                           {kGuest, XenStorePermission::Access::kRead}};
+  ASSERT_TRUE(
+      store.SetPermissions("/backend/vbd/1/51712/state", perms, common::xen::kNoTransaction).ok());
+  EXPECT_EQ(store.GetPermissions("/backend/vbd/1/51712/state", common::xen::kNoTransaction)
+                .value_or(std::vector<XenStorePermission>{}),
+            perms);
+  // The guest reads it, cannot write it; writes its own keys by relative path.
+  auto& guest_store = guest_platform_->xenstore();
+  EXPECT_EQ(
+      guest_store.Read("/backend/vbd/1/51712/state", common::xen::kNoTransaction).value_or(""),
+      "2");
+  EXPECT_EQ(StatusToErrno(
+                guest_store.Write("/backend/vbd/1/51712/state", "5", common::xen::kNoTransaction)),
+            EACCES);
+  ASSERT_TRUE(guest_store.Write("device/vbd/51712/state", "1", common::xen::kNoTransaction).ok());
+  EXPECT_EQ(store.Read("/local/domain/1/device/vbd/51712/state", common::xen::kNoTransaction)
+                .value_or(""),
+            "1");
+
+  // Watches: registration event, then changes, read through the readiness fd.
+  ASSERT_TRUE(store.Watch("/local/domain/1/device", "fe").ok());
+  std::vector<XenStoreWatchEvent> events;
+  while (events.empty()) {
+    ASSERT_TRUE(WaitReadable(store.WatchFd()));
+    auto batch = store.ReadWatchEvents();
+    ASSERT_TRUE(batch.ok());
+    events.insert(events.end(), batch->begin(), batch->end());
+  }
+  EXPECT_EQ(events[0], (XenStoreWatchEvent{"/local/domain/1/device", "fe"}));
+  ASSERT_TRUE(guest_store.Write("device/vbd/51712/state", "3", common::xen::kNoTransaction).ok());
+  events.clear();
+  while (events.empty()) {
+    ASSERT_TRUE(WaitReadable(store.WatchFd()));
+    auto batch = store.ReadWatchEvents();
+    ASSERT_TRUE(batch.ok());
+    events.insert(events.end(), batch->begin(), batch->end());
+  }
+  EXPECT_EQ(events[0], (XenStoreWatchEvent{"/local/domain/1/device/vbd/51712/state", "fe"}));
+  ASSERT_TRUE(store.Unwatch("/local/domain/1/device", "fe").ok());
+}
+
+TEST_F(EmulatedPlatformTest, RunTransactionRetriesOnConflict) {
+  auto& store = dom0_->xenstore();
+  ASSERT_TRUE(store.Write("/counter", "0", common::xen::kNoTransaction).ok());
+  auto other = CreateEmulatedXenPlatform(EmulatedXenOptions{dir_.path(), 0});
+  ASSERT_TRUE(other.ok());
+  int attempts = 0;
+  absl::Status status = store.RunTransaction([&](common::xen::TransactionId tx) -> absl::Status {
+    ++attempts;
+    auto value = store.Read("/counter", tx);
+    if (!value.ok()) return value.status();
+    if (attempts == 1) {  // someone else commits in between, once
+      absl::Status interfering =
+          (*other)->xenstore().Write("/counter", "10", common::xen::kNoTransaction);
+      if (!interfering.ok()) return interfering;
+    }
+    return store.Write("/counter", std::to_string(std::stoi(*value) + 1), tx);
+  });
+  ASSERT_TRUE(status.ok()) << status;
+  EXPECT_EQ(attempts, 2);
+  EXPECT_EQ(store.Read("/counter", common::xen::kNoTransaction).value_or(""), "11");
+
+  // A body error aborts and is returned as is.
+  status = store.RunTransaction([&](common::xen::TransactionId tx) -> absl::Status {
+    (void)store.Write("/counter", "99", tx);
+    return absl::CancelledError("changed my mind");
+  });
+  EXPECT_TRUE(absl::IsCancelled(status));
+  EXPECT_EQ(store.Read("/counter", common::xen::kNoTransaction).value_or(""), "11");
+}
+
+TEST(HostPlatformTest, FailsClearlyWithoutDevXen) {
+  auto platform = common::xen::CreateHostXenPlatformAt("/nonexistent/dev/xen");
+  ASSERT_FALSE(platform.ok());
+  EXPECT_TRUE(absl::IsFailedPrecondition(platform.status()));
+  EXPECT_THAT(platform.status().message(), HasSubstr("/nonexistent/dev/xen is absent"));
+  EXPECT_THAT(platform.status().message(), HasSubstr("emulated"));
+  if (access("/dev/xen", F_OK) != 0) {
+    auto real = common::xen::CreateHostXenPlatform();
+    ASSERT_FALSE(real.ok());
+    EXPECT_THAT(real.status().message(), HasSubstr("/dev/xen is absent"));
+  }
+}
+
+TEST(EmulatedPlatformCreateTest, FailsWhenTheHostIsNotRunning) {
+  TempDir dir;
+  auto platform = CreateEmulatedXenPlatform(EmulatedXenOptions{dir.path(), 0});
+  ASSERT_FALSE(platform.ok());
+  EXPECT_THAT(platform.status().message(), HasSubstr("emulated hypervisor"));
+}
+
+// The daemon itself: started as tests and the demo start it.
+TEST(XenHostDaemonTest, StartsServesAndStopsOnSigterm) {
+  TempDir dir;
+  int out[2];
+  ASSERT_EQ(pipe2(out, O_CLOEXEC), 0);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, out[1], 1);
+  std::string binary = BP_XENHOST_PATH;
+  std::vector<std::string> args = {binary,   "--run-dir",   dir.path(), "--domain",
+                                   "3:16:8", "--log-level", "warning"};
+  std::vector<char*> argv;
+  for (std::string& arg : args) argv.push_back(arg.data());
+  argv.push_back(nullptr);
+  pid_t pid = -1;
+  ASSERT_EQ(posix_spawn(&pid, binary.c_str(), &actions, nullptr, argv.data(), environ), 0);
+  posix_spawn_file_actions_destroy(&actions);
+  close(out[1]);
+
+  std::string banner;
+  while (banner.find('\n') == std::string::npos) {
+    ASSERT_TRUE(WaitReadable(out[0], 10000)) << "no READY line";
+    char buffer[256];
+    ssize_t got = read(out[0], buffer, sizeof(buffer));
+    ASSERT_GT(got, 0);
+    banner.append(buffer, static_cast<size_t>(got));
+  }
+  close(out[0]);
+  EXPECT_EQ(banner, "READY " + dir.path() + "\n");
+
+  {
+    auto dom0 = CreateEmulatedXenPlatform(EmulatedXenOptions{dir.path(), 0});
+    ASSERT_TRUE(dom0.ok()) << dom0.status();
+    EXPECT_EQ((*dom0)->xenstore().Read("/local/domain/3/domid", 0).value_or(""), "3");
+    auto guest = GuestDomain::Connect(dir.path(), 3);
+    ASSERT_TRUE(guest.ok()) << guest.status();
+    EXPECT_EQ((*guest)->pages(), 16u);
+    EXPECT_EQ((*guest)->grant_entries(), 8u);
+    ASSERT_TRUE((*guest)->GrantAccess(7, 0, 15, false).ok());
+    std::memcpy((*guest)->Page(15).data(), "daemon", 6);
+    auto mapping = (*dom0)->grant_table().MapOne(3, 7, false);
+    ASSERT_TRUE(mapping.ok()) << mapping.status();
+    EXPECT_EQ(std::memcmp((*mapping)->data(), "daemon", 6), 0);
+    CommandResult ls =
+        RunXenstoreTool({"xenstore-ls", "/local/domain/3"}, dir.path() + "/xenstored");
+    EXPECT_EQ(ls.out, "domid = \"3\"\n");
+  }
+
+  ASSERT_EQ(kill(pid, SIGTERM), 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  EXPECT_NE(access((dir.path() + "/xenstored").c_str(), F_OK), 0);  // sockets cleaned up
+}
+
+}  // namespace
+}  // namespace blockplane::harness
