@@ -1,0 +1,154 @@
+#include "worker/xen/blkif_ring.h"
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <bit>
+#include <cstring>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+
+namespace blockplane::worker::xen {
+namespace {
+
+constexpr size_t kReqProdOffset = offsetof(struct blkif_sring, req_prod);
+constexpr size_t kReqEventOffset = offsetof(struct blkif_sring, req_event);
+constexpr size_t kRspProdOffset = offsetof(struct blkif_sring, rsp_prod);
+constexpr size_t kRspEventOffset = offsetof(struct blkif_sring, rsp_event);
+
+static_assert(std::atomic_ref<uint32_t>::required_alignment <= alignof(uint32_t));
+static_assert(std::atomic_ref<uint32_t>::is_always_lock_free);
+
+// Fills `out` (zeroed first) with a response in the layout of `Response`.
+template <typename Response>
+size_t EncodeResponse(uint64_t id, uint8_t operation, int16_t status, uint8_t* out) {
+  std::memset(out, 0, sizeof(Response));
+  std::memcpy(out + offsetof(Response, id), &id, sizeof(id));
+  std::memcpy(out + offsetof(Response, operation), &operation, sizeof(operation));
+  std::memcpy(out + offsetof(Response, status), &status, sizeof(status));
+  return sizeof(Response);
+}
+
+}  // namespace
+
+uint32_t RingEntries(Protocol protocol, size_t ring_bytes) {
+  if (ring_bytes <= kSringHeaderSize) return 0;
+  const size_t entries = (ring_bytes - kSringHeaderSize) / LayoutOf(protocol).entry_size;
+  // __RD32 rounds a 32-bit value; a ring of 2^32 entries is far beyond any mapping.
+  return std::bit_floor(static_cast<uint32_t>(std::min<size_t>(entries, uint32_t{1} << 31)));
+}
+
+absl::StatusOr<BlkifBackRing> BlkifBackRing::Attach(Protocol protocol, std::span<uint8_t> shared,
+                                                    RingIdx start) {
+  if (reinterpret_cast<uintptr_t>(shared.data()) % alignof(uint32_t) != 0) {
+    return absl::InvalidArgumentError("blkif ring: shared ring is not 4-byte aligned");
+  }
+  const uint32_t size = RingEntries(protocol, shared.size());
+  if (size == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("blkif ring: ", shared.size(), " bytes hold no ring entry"));
+  }
+  return BlkifBackRing(protocol, shared, size, start);
+}
+
+BlkifBackRing::BlkifBackRing(Protocol protocol, std::span<uint8_t> shared, uint32_t size,
+                             RingIdx start)
+    : protocol_(protocol),
+      layout_(LayoutOf(protocol)),
+      shared_(shared),
+      size_(size),
+      req_cons_(start),
+      rsp_prod_pvt_(start),
+      req_prod_snapshot_(start),
+      rsp_prod_published_(start) {}
+
+uint32_t* BlkifBackRing::SharedWord(size_t offset) const {
+  return reinterpret_cast<uint32_t*>(shared_.data() + offset);
+}
+
+uint32_t BlkifBackRing::UnconsumedRequests() const {
+  const RingIdx req_prod =
+      std::atomic_ref<uint32_t>(*SharedWord(kReqProdOffset)).load(std::memory_order_acquire);
+  const uint32_t requests = req_prod - req_cons_;
+  const uint32_t free_slots = size_ - outstanding();
+  return std::min(requests, free_slots);
+}
+
+absl::StatusOr<uint32_t> BlkifBackRing::PollRequests() {
+  if (broken_) return broken_status_;
+  // One read of the producer index; the slot reads it covers are ordered after it (xen_rmb).
+  const RingIdx req_prod =
+      std::atomic_ref<uint32_t>(*SharedWord(kReqProdOffset)).load(std::memory_order_acquire);
+  const uint32_t available = req_prod - req_cons_;
+  // A frontend can have at most size_ requests without a response (RING_FREE_REQUESTS), so
+  // req_prod - rsp_prod_pvt <= size_ (RING_REQUEST_PROD_OVERFLOW). Phrased on `available` the
+  // same test also catches a req_prod moved behind req_cons (it wraps to a huge count).
+  if (available > size_ - outstanding()) {
+    broken_ = true;
+    broken_status_ = absl::DataLossError(absl::StrCat(
+        "blkif ring: frontend published bogus requests: req_prod=", req_prod,
+        " req_cons=", req_cons_, " rsp_prod_pvt=", rsp_prod_pvt_, " ring_size=", size_));
+    return broken_status_;
+  }
+  req_prod_snapshot_ = req_prod;
+  return available;
+}
+
+std::optional<std::span<const uint8_t>> BlkifBackRing::NextRequestSlot() {
+  if (broken_ || req_cons_ == req_prod_snapshot_) return std::nullopt;
+  const size_t offset = kSringHeaderSize + size_t{req_cons_ & (size_ - 1)} * layout_.entry_size;
+  ++req_cons_;
+  return std::span<const uint8_t>(shared_.data() + offset, layout_.request_size);
+}
+
+absl::Status BlkifBackRing::WriteResponse(uint64_t id, uint8_t operation, int16_t status) {
+  if (outstanding() == 0) {
+    return absl::FailedPreconditionError("blkif ring: response without an outstanding request");
+  }
+  std::array<uint8_t, 16> bytes;
+  size_t length = 0;
+  switch (protocol_) {
+    case Protocol::kX86_32:
+      length = EncodeResponse<blkif_x86_32_response>(id, operation, status, bytes.data());
+      break;
+    case Protocol::kX86_64:
+      length = EncodeResponse<blkif_x86_64_response>(id, operation, status, bytes.data());
+      break;
+    case Protocol::kNative:
+    default:
+      length = EncodeResponse<struct blkif_response>(id, operation, status, bytes.data());
+      break;
+  }
+  const size_t offset = kSringHeaderSize + size_t{rsp_prod_pvt_ & (size_ - 1)} * layout_.entry_size;
+  std::memcpy(shared_.data() + offset, bytes.data(), length);
+  ++rsp_prod_pvt_;
+  return absl::OkStatus();
+}
+
+bool BlkifBackRing::PushResponsesAndCheckNotify() {
+  const RingIdx old_prod = rsp_prod_published_;
+  const RingIdx new_prod = rsp_prod_pvt_;
+  // xen_wmb(): the frontend sees the responses before the new producer index.
+  std::atomic_ref<uint32_t>(*SharedWord(kRspProdOffset)).store(new_prod, std::memory_order_release);
+  rsp_prod_published_ = new_prod;
+  // xen_mb(): the frontend sees the new rsp_prod before we read rsp_event.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  const RingIdx rsp_event =
+      std::atomic_ref<uint32_t>(*SharedWord(kRspEventOffset)).load(std::memory_order_relaxed);
+  // Notify iff rsp_event lies in (old_prod, new_prod]: the frontend asked for a kick at a
+  // response of this batch.
+  return static_cast<RingIdx>(new_prod - rsp_event) < static_cast<RingIdx>(new_prod - old_prod);
+}
+
+bool BlkifBackRing::FinalCheckForRequests() {
+  if (broken_) return false;
+  if (UnconsumedRequests() != 0) return true;
+  std::atomic_ref<uint32_t>(*SharedWord(kReqEventOffset))
+      .store(req_cons_ + 1, std::memory_order_relaxed);
+  // xen_mb(): req_event is visible before we look at req_prod again.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  return UnconsumedRequests() != 0;
+}
+
+}  // namespace blockplane::worker::xen
