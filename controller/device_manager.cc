@@ -524,10 +524,11 @@ void DeviceManager::RunMonitor(Entry* entry) {
         }
       }
       if (fds[2].revents & (POLLIN | POLLHUP | POLLERR)) {
-        absl::Status read = worker->ReadMessages([&](const internal::WorkerEvent& event) {
-          std::lock_guard lock(mu_);
-          ApplyWorkerStatusLocked(*entry, event.status(), event.reason()).IgnoreError();
-        });
+        absl::Status read = worker->ReadMessages(
+            [&](const internal::WorkerStatus& status, const std::string& reason) {
+              std::lock_guard lock(mu_);
+              ApplyWorkerStatusLocked(*entry, status, reason).IgnoreError();
+            });
         if (!read.ok()) control_open = false;
       }
       if (fds[0].revents & POLLIN) {
@@ -646,10 +647,7 @@ absl::StatusOr<v1::Device> DeviceManager::Drain(const std::string& device_id,
   absl::StatusOr<Entry*> entry = GetLocked(device_id);
   if (!entry.ok()) return absl::AbortedError("device_id: the device was detached while draining");
   if (!reply.ok()) return reply.status();
-  if (absl::Status s = ApplyWorkerStatusLocked(**entry, reply->status(), "drain requested");
-      !s.ok()) {
-    return s;
-  }
+  // The monitor applied the reply's status (DRAINING or DRAINED) before Call returned.
   bool done = cv_.wait_until(lock, deadline, [&] {
     Entry* e = FindLocked(device_id);
     return e == nullptr || e->device.status().state() != v1::DEVICE_STATE_DRAINING;
@@ -708,9 +706,6 @@ absl::StatusOr<v1::Device> DeviceManager::Resume(const std::string& device_id) {
   std::lock_guard lock(mu_);
   absl::StatusOr<Entry*> entry = GetLocked(device_id);
   if (!entry.ok()) return entry.status();
-  if (absl::Status s = ApplyWorkerStatusLocked(**entry, reply->status(), "resumed"); !s.ok()) {
-    return s;
-  }
   return (*entry)->device;
 }
 
@@ -827,7 +822,6 @@ absl::StatusOr<v1::Device> DeviceManager::Resize(const v1::ResizeDeviceRequest& 
                      "not confirm the new size: ",
                      reply.status().message()));
   }
-  ApplyWorkerStatusLocked(**entry, reply->status(), "resized").IgnoreError();
   return (*entry)->device;
 }
 

@@ -251,7 +251,8 @@ void WorkerProcess::FailPending(const absl::Status& status) {
 }
 
 absl::Status WorkerProcess::ReadMessages(
-    const std::function<void(const internal::WorkerEvent&)>& on_event) {
+    const std::function<void(const internal::WorkerStatus&, const std::string& reason)>&
+        on_status) {
   absl::Status read = reader_.ReadAvailable(control_fd());
   for (;;) {
     absl::StatusOr<std::optional<std::string>> frame = reader_.NextFrame();
@@ -267,8 +268,9 @@ absl::Status WorkerProcess::ReadMessages(
       return bad;
     }
     if (message.has_event()) {
-      on_event(message.event());
+      on_status(message.event().status(), message.event().reason());
     } else if (message.has_response()) {
+      if (message.response().has_status()) on_status(message.response().status(), "reply");
       std::lock_guard lock(pending_mu_);
       auto it = pending_.find(message.response().id());
       if (it != pending_.end()) {

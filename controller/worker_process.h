@@ -67,9 +67,13 @@ class WorkerProcess {
   // effect the caller observes through worker events, or when no monitor reads replies.
   absl::Status Send(internal::ControlRequest request);
 
-  // Monitor thread: reads what arrived on the control socket, completes pending calls, and hands
-  // unsolicited events to `on_event`. UNAVAILABLE when the socket closed.
-  absl::Status ReadMessages(const std::function<void(const internal::WorkerEvent&)>& on_event);
+  // Monitor thread: reads what arrived on the control socket. Every message carries the worker's
+  // status; `on_status` gets each one in stream order (with the event's reason, or "reply"),
+  // before the call a response belongs to is completed, so a caller that wakes up from Call()
+  // already sees its effect and an older status can never overwrite a newer one.
+  // UNAVAILABLE when the socket closed.
+  absl::Status ReadMessages(const std::function<void(const internal::WorkerStatus&,
+                                                     const std::string& reason)>& on_status);
 
   // True once the process has exited (its pidfd is readable).
   bool Exited() const;

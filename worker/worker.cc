@@ -17,6 +17,27 @@
 namespace blockplane::worker {
 namespace {
 
+BlockDeviceOptions ToBlockOptions(const blockplane::v1::BackendSpec& spec) {
+  BlockDeviceOptions o;
+  o.logical_block_size = spec.logical_block_size() == 0 ? 512 : spec.logical_block_size();
+  o.read_only = spec.read_only();
+  o.discard = spec.discard() == blockplane::v1::DISCARD_MODE_UNMAP ? DiscardMode::kUnmap
+                                                                   : DiscardMode::kIgnore;
+  switch (spec.detect_zeroes()) {
+    case blockplane::v1::DETECT_ZEROES_ON:
+      o.detect_zeroes = DetectZeroes::kOn;
+      break;
+    case blockplane::v1::DETECT_ZEROES_UNMAP:
+      o.detect_zeroes = DetectZeroes::kUnmap;
+      break;
+    default:
+      o.detect_zeroes = DetectZeroes::kOff;
+  }
+  o.error_policy = spec.error_policy() == blockplane::v1::ERROR_POLICY_STOP ? ErrorPolicy::kStop
+                                                                            : ErrorPolicy::kReport;
+  return o;
+}
+
 CacheMode ToCacheMode(blockplane::v1::CacheMode mode) {
   switch (mode) {
     case blockplane::v1::CACHE_MODE_WRITEBACK:
@@ -55,7 +76,7 @@ Worker::~Worker() {
     if (listen_watch_) loop_->RemoveFd(listen_watch_);
     if (signal_watch_) loop_->RemoveFd(signal_watch_);
   }
-  backend_.reset();
+  device_.reset();
   if (listen_fd_) ::unlink(config_.control_socket().c_str());
 }
 
@@ -79,16 +100,23 @@ absl::Status Worker::Init() {
   options.read_only = spec.read_only();
   absl::StatusOr<std::unique_ptr<UringBackend>> backend =
       UringBackend::Open(loop_.get(), spec.path(), options);
-  if (backend.ok()) {
-    size_bytes_ = (*backend)->Capacity();
-    backend_ = std::move(*backend);
+  absl::StatusOr<std::unique_ptr<BlockDevice>> device =
+      backend.ok()
+          ? BlockDevice::Create(loop_.get(), std::move(*backend),
+                                [&] {
+                                  BlockDeviceOptions o = ToBlockOptions(spec);
+                                  o.on_error_stop = [this](int error) { OnErrorStop(error); };
+                                  return o;
+                                }())
+          : absl::StatusOr<std::unique_ptr<BlockDevice>>(backend.status());
+  if (device.ok()) {
+    device_ = std::move(*device);
   } else {
+    bool direct = spec.cache() == blockplane::v1::CACHE_MODE_NONE ||
+                  spec.cache() == blockplane::v1::CACHE_MODE_UNSPECIFIED;
     open_error_ = absl::FailedPreconditionError(
-        absl::StrCat("cannot open ", spec.path(), ": ", backend.status().message(),
-                     spec.cache() == blockplane::v1::CACHE_MODE_NONE ||
-                             spec.cache() == blockplane::v1::CACHE_MODE_UNSPECIFIED
-                         ? " (cache mode none needs O_DIRECT; try cache writeback)"
-                         : ""));
+        absl::StrCat("cannot open ", spec.path(), ": ", device.status().message(),
+                     direct ? " (cache mode none needs O_DIRECT; try cache writeback)" : ""));
     state_ = internal::WORKER_STATE_FAILED;
     exit_status_ = 1;
     BP_LOG(Error) << open_error_.message();
@@ -99,7 +127,8 @@ absl::Status Worker::Init() {
   listen_fd_ = std::move(*listener);
   listen_watch_ = loop_->AddFd(listen_fd_.get(), POLLIN, [this](uint32_t) { OnAccept(); });
   BP_LOG(Info) << "serving device " << config_.device_id() << " generation " << config_.generation()
-               << " size " << size_bytes_ << " control " << config_.control_socket();
+               << " size " << (device_ ? device_->capacity() : 0) << " control "
+               << config_.control_socket();
   return absl::OkStatus();
 }
 
@@ -160,17 +189,51 @@ internal::WorkerStatus Worker::Status() const {
   s.set_generation(config_.generation());
   s.set_pid(getpid());
   s.set_state(state_);
-  s.set_size_bytes(size_bytes_);
+  if (device_) {
+    BlockDeviceStats stats = device_->Stats();
+    s.set_size_bytes(device_->capacity());
+    s.set_in_flight(stats.in_flight);
+    s.set_highest_written_offset(stats.highest_written_offset);
+  }
   if (!open_error_.ok()) s.set_error(std::string(open_error_.message()));
+  if (!error_stop_.empty()) s.set_error(error_stop_);
   return s;
 }
 
 blockplane::v1::DeviceStats Worker::Stats() const {
-  blockplane::v1::DeviceStats stats;
-  stats.set_device_id(config_.device_id());
-  stats.set_size_bytes(size_bytes_);
-  stats.set_worker_generation(config_.generation());
-  return stats;
+  blockplane::v1::DeviceStats out;
+  out.set_device_id(config_.device_id());
+  out.set_worker_generation(config_.generation());
+  if (!device_) return out;
+  BlockDeviceStats stats = device_->Stats();
+  for (int i = 0; i < kBlockOpCount; ++i) {
+    const BlockOpStats& op = stats.ops[i];
+    blockplane::v1::OpStats* o = out.add_ops();
+    o->set_op(BlockOpName(static_cast<BlockOp>(i)));
+    o->set_operations(op.ops);
+    o->set_bytes(op.bytes);
+    o->set_failed(op.failed);
+    o->set_invalid(op.invalid);
+    o->set_total_time_ns(op.total_time_ns);
+  }
+  out.set_in_flight(stats.in_flight);
+  out.set_highest_written_offset(stats.highest_written_offset);
+  out.set_idle_ns(stats.idle_ns);
+  out.set_size_bytes(device_->capacity());
+  return out;
+}
+
+internal::WorkerState Worker::ServingState() const {
+  // Becomes CONNECTED once a frontend is attached (Xen / vhost-user frontends).
+  return internal::WORKER_STATE_WAITING_FOR_FRONTEND;
+}
+
+void Worker::OnErrorStop(int error) {
+  error_stop_ = absl::StrCat("I/O error (", strerror(-error),
+                             ") with error policy stop: the device is paused and no request is "
+                             "lost; fix the backing store and resume the device");
+  BP_LOG(Error) << error_stop_;
+  SetState(internal::WORKER_STATE_DRAINED, "paused on I/O error");
 }
 
 void Worker::Reply(uint64_t id, const absl::Status& status,
@@ -227,25 +290,38 @@ void Worker::HandleRequest(const internal::ControlRequest& request) {
     case internal::ControlRequest::kDrain:
       if (state_ == internal::WORKER_STATE_WAITING_FOR_FRONTEND ||
           state_ == internal::WORKER_STATE_CONNECTED) {
-        // Nothing is admitted without a frontend, so nothing is in flight: drained at once.
-        SetState(internal::WORKER_STATE_DRAINED, "drained");
+        SetState(internal::WORKER_STATE_DRAINING, "drain requested");
+        device_->Drain([this](int result) {
+          if (result != 0) {
+            BP_LOG(Warning) << "flush at the end of the drain failed: " << strerror(-result);
+          }
+          if (state_ == internal::WORKER_STATE_DRAINING) {
+            SetState(internal::WORKER_STATE_DRAINED, "drained");
+          }
+        });
       }
       Reply(id, absl::OkStatus());
       return;
-    case internal::ControlRequest::kResume:
-      if (state_ == internal::WORKER_STATE_DRAINING || state_ == internal::WORKER_STATE_DRAINED) {
-        SetState(internal::WORKER_STATE_WAITING_FOR_FRONTEND, "resumed");
+    case internal::ControlRequest::kResume: {
+      absl::Status resumed = absl::OkStatus();
+      if (!error_stop_.empty()) {
+        resumed = device_->ResumeAfterError();
+        if (resumed.ok()) error_stop_.clear();
+      } else if (state_ == internal::WORKER_STATE_DRAINING ||
+                 state_ == internal::WORKER_STATE_DRAINED) {
+        resumed = device_->Resume();
       }
-      Reply(id, absl::OkStatus());
+      if (resumed.ok() &&
+          (state_ == internal::WORKER_STATE_DRAINING || state_ == internal::WORKER_STATE_DRAINED)) {
+        SetState(ServingState(), "resumed");
+      }
+      Reply(id, resumed);
       return;
+    }
     case internal::ControlRequest::kResize: {
-      absl::Status grown = absl::OkStatus();
-      if (request.resize().size_bytes() > size_bytes_) {
-        grown = backend_->Grow(request.resize().size_bytes());
-      }
-      if (grown.ok()) size_bytes_ = request.resize().size_bytes();
-      Reply(id, grown);
-      if (grown.ok()) SendEvent("resized");
+      absl::Status resized = device_->Resize(request.resize().size_bytes());
+      Reply(id, resized);
+      if (resized.ok()) SendEvent("resized");
       return;
     }
     case internal::ControlRequest::kStop:

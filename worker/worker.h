@@ -8,7 +8,7 @@
 #include "common/event_loop.h"
 #include "common/frame_channel.h"
 #include "common/unique_fd.h"
-#include "worker/backend/backend.h"
+#include "worker/block/block_device.h"
 
 namespace blockplane::worker {
 
@@ -45,6 +45,9 @@ class Worker {
   blockplane::v1::DeviceStats Stats() const;
   void BeginStop(uint64_t reply_id, bool force);
   void CloseConnection();
+  void OnErrorStop(int error);
+  // The serving state once drains and error stops are over.
+  internal::WorkerState ServingState() const;
 
   const internal::WorkerConfig config_;
   std::unique_ptr<common::EventLoop> loop_;
@@ -58,10 +61,11 @@ class Worker {
   common::EventLoop::FdWatch conn_watch_ = common::EventLoop::kInvalidFdWatch;
   common::FrameReader reader_;
 
-  std::unique_ptr<Backend> backend_;
-  absl::Status open_error_;  // why the backend could not be opened
+  std::unique_ptr<BlockDevice> device_;
+  absl::Status open_error_;  // why the backing store could not be opened
+  // Set while the device is paused by error policy `stop`; resume retries the failed requests.
+  std::string error_stop_;
   internal::WorkerState state_ = internal::WORKER_STATE_WAITING_FOR_FRONTEND;
-  uint64_t size_bytes_ = 0;
   int exit_status_ = 0;
 };
 
