@@ -210,7 +210,7 @@ void BlockDevice::Submit(const BlockRequest& request, BlockCompletion* done) {
   t->req = request;
   t->done = done;
   t->op = t->acct_op = request.op;
-  t->start_ns = common::MonotonicNanos();
+  t->start_ns = loop_->now_ns();
   t->invalid = false;
   t->admitted = false;
   t->queue_next = nullptr;
@@ -733,7 +733,7 @@ void BlockDevice::Finish(Tracked* t, int result) {
     done->OnBlockComplete(result);
     return;
   }
-  const int64_t now = common::MonotonicNanos();
+  const int64_t now = loop_->now_ns();
   if (t->op == BlockOp::kFlush) {
     flush_active_ = false;
     if (flush_queue_head_ != nullptr) {
@@ -862,8 +862,13 @@ absl::Status BlockDevice::Resize(uint64_t new_size) {
     return absl::InvalidArgumentError(
         absl::StrCat("size must be a multiple of ", options_.logical_block_size));
   }
-  if (new_size < capacity_) return absl::InvalidArgumentError("shrinking is not supported");
   if (new_size == capacity_) return absl::OkStatus();
+  if (new_size < capacity_) {
+    // The controller checked that nothing was ever written past new_size and truncated the file;
+    // requests beyond the new end now fail as out of range.
+    capacity_ = new_size;
+    return absl::OkStatus();
+  }
   absl::Status status = backend_->Grow(new_size);
   if (!status.ok()) return status;
   capacity_ = new_size;

@@ -154,8 +154,9 @@ class BlockDevice {
   // kStop policy: leaves the error stop and retries the parked requests (in their original order,
   // before queued ones). FailedPrecondition if the device is not stopped.
   absl::Status ResumeAfterError();
-  // Grows the device to `new_size` bytes (a multiple of the logical block size). Shrinking is
-  // refused (InvalidArgument). The frontend tells the guest.
+  // Sets the device size to `new_size` bytes (a multiple of the logical block size). Growing grows
+  // the backend; shrinking only lowers the bound (the caller has truncated the backing store after
+  // checking that no data lies beyond it). The frontend tells the guest.
   absl::Status Resize(uint64_t new_size);
 
   BlockDeviceInfo Info() const;

@@ -478,10 +478,15 @@ TEST_F(BlockDeviceTest, DrainReportsFlushFailure) {
   ASSERT_TRUE(device_->Resume().ok());
 }
 
-TEST_F(BlockDeviceTest, ResizeGrowsAndRefusesShrink) {
+TEST_F(BlockDeviceTest, ResizeShrinksTheBoundAndGrowsTheBackend) {
   Make();
-  EXPECT_FALSE(device_->Resize(kCapacity - 4096).ok());
   EXPECT_FALSE(device_->Resize(kCapacity + 100).ok());
+  // Shrink: the caller already truncated the store; I/O past the new end is out of range.
+  ASSERT_TRUE(device_->Resize(kCapacity - 4096).ok());
+  EXPECT_EQ(device_->Info().capacity, kCapacity - 4096);
+  AlignedBuffer past(4096);
+  EXPECT_NE(Write(kCapacity - 4096, past.data(), 4096), 0);
+  EXPECT_EQ(device_->Stats().ops[static_cast<int>(BlockOp::kWrite)].invalid, 1u);
   ASSERT_TRUE(device_->Resize(2 * kCapacity).ok());
   EXPECT_EQ(device_->Info().capacity, 2 * kCapacity);
   AlignedBuffer buf(4096);
