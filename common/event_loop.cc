@@ -100,6 +100,7 @@ EventLoop::EventLoop(Options options) : options_(options), ring_(std::make_uniqu
 }
 
 absl::Status EventLoop::Init() {
+  UpdateNow();
   // COOP_TASKRUN avoids interrupting the loop thread for every completion; TASKRUN_FLAG tells the
   // peek in liburing to enter the kernel when task work is pending (needed while busy polling).
   const uint32_t flag_sets[] = {
@@ -237,7 +238,7 @@ int64_t EventLoop::NanosUntilNextTimer() const {
 
 bool EventLoop::RunDueTimers() {
   if (timers_.empty()) return false;
-  int64_t now = MonotonicNanos();
+  int64_t now = now_ns_;
   bool ran = false;
   // Bounded so a timer that re-adds itself with zero delay cannot starve the ring.
   for (int i = 0; i < 1024 && !timers_.empty(); ++i) {
@@ -370,6 +371,7 @@ void EventLoop::UnregisterFile(int slot) {
 void EventLoop::RunOnce(bool block) {
   loop_thread_.store(std::this_thread::get_id(), std::memory_order_release);
   ++counters_.passes;
+  UpdateNow();
   bool work = ReapCompletions();
   work |= RunDueTimers();
   work |= RunPosted();
@@ -381,7 +383,7 @@ void EventLoop::RunOnce(bool block) {
   bool sleep = block && !work && !stop_.load(std::memory_order_acquire) && deferred_.empty() &&
                sqe_waiters_.empty() && !wake_pending_.load(std::memory_order_acquire);
   if (options_.poll_window_us > 0 && (work || sleep)) {
-    int64_t now = MonotonicNanos();
+    int64_t now = UpdateNow();
     if (work) last_work_ns_ = now;
     if (now - last_work_ns_ < int64_t{options_.poll_window_us} * 1000) sleep = false;
   }

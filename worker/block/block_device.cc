@@ -16,7 +16,8 @@ constexpr size_t kMinBounce = 4096;
 constexpr int kPooledBounceClasses = 9;  // 4 KiB .. 1 MiB
 constexpr size_t kZeroBufferSize = size_t{1} << 20;
 
-uint64_t AlignDown(uint64_t value, uint64_t align) { return value - value % align; }
+// `align` is a power of two everywhere in this file (checked in Create()).
+uint64_t AlignDown(uint64_t value, uint64_t align) { return value & ~(align - 1); }
 uint64_t AlignUp(uint64_t value, uint64_t align) { return AlignDown(value + align - 1, align); }
 
 bool IsZero(const iovec* iov, int iovcnt) {
@@ -153,8 +154,9 @@ BlockDevice::BlockDevice(common::EventLoop* loop, std::unique_ptr<Backend> backe
     : loop_(loop), backend_(std::move(backend)), options_(std::move(options)) {
   const BackendLimits& limits = backend_->Limits();
   align_ = limits.request_alignment;
-  buffer_align_ = std::max<uint32_t>(limits.buffer_alignment, 1);
+  buffer_align_ = std::bit_ceil(std::max<uint32_t>(limits.buffer_alignment, 1));
   max_transfer_ = AlignDown(std::max<uint64_t>(limits.max_transfer, align_), align_);
+  max_segments_ = std::max<uint32_t>(limits.max_segments, 1);
   capacity_ = AlignDown(backend_->Capacity(), options_.logical_block_size);
   bounce_free_.resize(kPooledBounceClasses);
   last_completion_ns_.Set(static_cast<uint64_t>(common::MonotonicNanos()));
@@ -200,7 +202,7 @@ int BlockDevice::Validate(const Tracked* t) const {
       return -EINVAL;
   }
   if (r.op != BlockOp::kRead && options_.read_only) return -EROFS;
-  if (r.offset % lbs != 0 || t->length % lbs != 0) return -EINVAL;
+  if (((r.offset | t->length) & (lbs - 1)) != 0) return -EINVAL;
   if (r.offset > capacity_ || t->length > capacity_ - r.offset) return -EINVAL;
   return 0;
 }
@@ -369,7 +371,7 @@ void BlockDevice::Dispatch(Tracked* t) {
 bool BlockDevice::BuildChunks(Tracked* t, uint64_t offset, const iovec* iov, int iovcnt) {
   // Splits [offset, offset + total) at multiples of max_transfer_ from `offset`; the iovecs are
   // appended to t->scratch, whose capacity the caller reserved (pointers must stay valid).
-  const uint32_t max_segments = backend_->Limits().max_segments;
+  const uint32_t max_segments = max_segments_;
   const size_t first_chunk = t->chunks.size();
   uint64_t chunk_bytes = 0;
   t->chunks.push_back({offset, static_cast<uint32_t>(t->scratch.size()), 0});
@@ -431,8 +433,7 @@ void BlockDevice::IssueBuffer(Tracked* t, bool write, uint64_t offset, uint8_t* 
 static bool BuffersAligned(const iovec* iov, int iovcnt, uint32_t alignment) {
   if (alignment <= 1) return true;
   for (int i = 0; i < iovcnt; ++i) {
-    if (reinterpret_cast<uintptr_t>(iov[i].iov_base) % alignment != 0 ||
-        iov[i].iov_len % alignment != 0) {
+    if (((reinterpret_cast<uintptr_t>(iov[i].iov_base) | iov[i].iov_len) & (alignment - 1)) != 0) {
       return false;
     }
   }
@@ -448,7 +449,15 @@ void BlockDevice::DispatchRead(Tracked* t) {
   t->scratch.clear();
   if (t->overlap_start == start && t->overlap_end == end &&
       BuffersAligned(t->req.iov, t->req.iovcnt, buffer_align_) &&
-      t->req.iovcnt <= static_cast<int>(backend_->Limits().max_segments)) {
+      t->req.iovcnt <= static_cast<int>(max_segments_)) {
+    if (t->length <= max_transfer_) {
+      // Fast path: one backend request straight from the guest's iovec array (which the caller
+      // keeps alive until completion).
+      t->touched_backend = true;
+      t->pending = 1;
+      backend_->Read(start, t->req.iov, t->req.iovcnt, t);
+      return;
+    }
     t->scratch.reserve(t->req.iovcnt + t->length / max_transfer_ + 2);
     if (IssueRw(t, /*write=*/false, start, t->req.iov, t->req.iovcnt, 0)) return;
   }
@@ -469,9 +478,15 @@ void BlockDevice::DispatchWrite(Tracked* t) {
   t->chunks.clear();
   t->scratch.clear();
   if (!t->serialising && BuffersAligned(t->req.iov, t->req.iovcnt, buffer_align_) &&
-      t->req.iovcnt <= static_cast<int>(backend_->Limits().max_segments)) {
-    t->scratch.reserve(t->req.iovcnt + t->length / max_transfer_ + 2);
+      t->req.iovcnt <= static_cast<int>(max_segments_)) {
     t->phase = Tracked::Phase::kMain;
+    if (t->length <= max_transfer_) {
+      t->touched_backend = true;
+      t->pending = 1;
+      backend_->Write(start, t->req.iov, t->req.iovcnt, fua, t);
+      return;
+    }
+    t->scratch.reserve(t->req.iovcnt + t->length / max_transfer_ + 2);
     if (IssueRw(t, /*write=*/true, start, t->req.iov, t->req.iovcnt, fua)) return;
   }
   bounced_.Add(1);
