@@ -1,7 +1,5 @@
 #include "controller/cli/values.h"
 
-#include <cerrno>
-#include <cstdlib>
 #include <limits>
 #include <vector>
 
