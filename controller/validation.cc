@@ -56,9 +56,10 @@ bool ParseDecimal(absl::string_view digits, uint64_t limit, uint64_t* out) {
 
 bool IsUnder(const std::filesystem::path& path, const std::filesystem::path& root) {
   auto p = path.begin();
-  for (auto r = root.begin(); r != root.end(); ++r, ++p) {
-    if (r->empty()) continue;  // trailing slash of the root
-    if (p == path.end() || *p != *r) return false;
+  for (const std::filesystem::path& r : root) {
+    if (r.empty()) continue;  // trailing slash of the root; `p` may already be at the end
+    if (p == path.end() || *p != r) return false;
+    ++p;
   }
   return true;
 }
