@@ -218,15 +218,15 @@ static_assert(offsetof(struct blkif_response, status) == offsetof(blkif_x86_64_r
 
 enum class Protocol : uint8_t { kNative, kX86_32, kX86_64 };
 
-// Maps the frontend's "protocol" key to a Protocol. An empty string (key absent) means native, as
-// QEMU does (Linux blkback assumes x86_32 on x86 for very old frontends; modern frontends always
-// write the key). The native name (XEN_IO_PROTO_ABI_NATIVE, "x86_64-abi" here) maps to kNative.
-// Returns nullopt for an ABI this backend cannot serve (e.g. "arm-abi" on x86): the caller fails
-// the connection.
+// Maps the frontend's "protocol" key to a Protocol. The named ABIs map to their explicit layouts
+// (on an x86_64 host "x86_64-abi" is byte-for-byte native, so either would do). An empty string
+// (key absent) means native, as QEMU does; Linux blkback assumes x86_32 on x86 for such very old
+// frontends, modern ones always write the key. Returns nullopt for an ABI this backend cannot
+// serve (e.g. "arm-abi" on x86): the caller fails the connection.
 constexpr std::optional<Protocol> ParseProtocolName(std::string_view name) {
-  if (name.empty() || name == XEN_IO_PROTO_ABI_NATIVE) return Protocol::kNative;
   if (name == XEN_IO_PROTO_ABI_X86_32) return Protocol::kX86_32;
   if (name == XEN_IO_PROTO_ABI_X86_64) return Protocol::kX86_64;
+  if (name.empty() || name == XEN_IO_PROTO_ABI_NATIVE) return Protocol::kNative;
   return std::nullopt;
 }
 
