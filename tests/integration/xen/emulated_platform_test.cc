@@ -23,6 +23,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/harness/xen/guest_domain.h"
+#include "tests/harness/xen/host_control.h"
 #include "tests/harness/xen/test_support.h"
 #include "tests/harness/xen/xen_host.h"
 
@@ -374,6 +375,40 @@ TEST_F(EmulatedPlatformTest, RunTransactionRetriesOnConflict) {
   });
   EXPECT_TRUE(absl::IsCancelled(status));
   EXPECT_EQ(store.Read("/counter", common::xen::kNoTransaction).value_or(""), "11");
+}
+
+TEST_F(EmulatedPlatformTest, DomainLifecycleOverTheHypervisorSocket) {
+  auto& store = dom0_->xenstore();
+  ASSERT_TRUE(store.Watch("@releaseDomain", "rel").ok());
+  ASSERT_TRUE(WaitReadable(store.WatchFd()));
+  ASSERT_TRUE(store.ReadWatchEvents().ok());  // the registration event
+
+  EXPECT_TRUE(absl::IsInvalidArgument(CreateGuestDomain(dir_.path(), 5, 0, 8)));
+  ASSERT_TRUE(CreateGuestDomain(dir_.path(), 5, 8, 8).ok());
+  EXPECT_TRUE(absl::IsAlreadyExists(CreateGuestDomain(dir_.path(), 5, 8, 8)));
+  EXPECT_EQ(store.Read("/local/domain/5/domid", common::xen::kNoTransaction).value_or(""), "5");
+  auto guest = GuestDomain::Connect(dir_.path(), 5);
+  ASSERT_TRUE(guest.ok()) << guest.status();
+  EXPECT_EQ((*guest)->pages(), 8u);
+  auto guest_store = CreateEmulatedXenPlatform(EmulatedXenOptions{dir_.path(), 5});
+  ASSERT_TRUE(guest_store.ok()) << guest_store.status();
+
+  ASSERT_TRUE(DestroyGuestDomain(dir_.path(), 5).ok());
+  std::vector<XenStoreWatchEvent> events;
+  while (events.empty()) {
+    ASSERT_TRUE(WaitReadable(store.WatchFd()));
+    auto batch = store.ReadWatchEvents();
+    ASSERT_TRUE(batch.ok());
+    events = *batch;
+  }
+  EXPECT_EQ(events[0], (XenStoreWatchEvent{"@releaseDomain", "rel"}));
+  EXPECT_FALSE(GuestDomain::Connect(dir_.path(), 5).ok());
+  EXPECT_NE(access((dir_.path() + "/xenstored.5").c_str(), F_OK), 0);
+  // The released guest's xenstore connection was closed.
+  EXPECT_FALSE((*guest_store)->xenstore().Read("domid", common::xen::kNoTransaction).ok());
+  EXPECT_TRUE(absl::IsNotFound(DestroyGuestDomain(dir_.path(), 5)));
+  // Memory a guest already mapped stays valid after its domain is gone.
+  (*guest)->Page(0)[0] = std::byte{1};
 }
 
 TEST(HostPlatformTest, FailsClearlyWithoutDevXen) {
