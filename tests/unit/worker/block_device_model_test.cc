@@ -114,8 +114,17 @@ class BlockDeviceModelTest : public ::testing::TestWithParam<ModelParam> {
     }
   }
 
-  void RunBatch(std::vector<std::unique_ptr<Op>>& batch) {
-    for (auto& op : batch) {
+  // Submits the batch; when `drain_at` is within the batch, drains the device before that
+  // request and checks that the requests submitted while drained stay queued until Resume().
+  void RunBatch(std::vector<std::unique_ptr<Op>>& batch, size_t drain_at) {
+    bool drained = false;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      if (i == drain_at)
+        device_->Drain([&](int result) {
+          EXPECT_EQ(result, 0);
+          drained = true;
+        });
+      Op* op = batch[i].get();
       BlockRequest request{.op = op->op, .flags = op->flags, .offset = op->offset};
       if (op->op == BlockOp::kRead || op->op == BlockOp::kWrite) {
         request.iov = op->iov.data();
@@ -124,6 +133,16 @@ class BlockDeviceModelTest : public ::testing::TestWithParam<ModelParam> {
         request.length = op->length;
       }
       device_->Submit(request, &op->result);
+    }
+    if (drain_at < batch.size()) {
+      loop_->RunUntil([&] { return drained; });
+      ++drains_;
+      EXPECT_EQ(device_->Stats().in_flight, 0u);
+      EXPECT_EQ(device_->Stats().queued, batch.size() - drain_at);
+      for (size_t i = 0; i < batch.size(); ++i) {
+        ASSERT_EQ(batch[i]->result.done, i < drain_at) << "request " << i << " of the batch";
+      }
+      ASSERT_TRUE(device_->Resume().ok());
     }
     loop_->RunUntil([&] {
       for (auto& op : batch) {
@@ -168,6 +187,7 @@ class BlockDeviceModelTest : public ::testing::TestWithParam<ModelParam> {
   std::unique_ptr<TempFile> file_;
   std::unique_ptr<BlockDevice> device_;
   std::vector<uint8_t> model_;
+  int drains_ = 0;
 };
 
 TEST_P(BlockDeviceModelTest, RandomRequestsMatchTheModel) {
@@ -218,7 +238,7 @@ TEST_P(BlockDeviceModelTest, RandomRequestsMatchTheModel) {
     }
     submitted += size;
     ++batches;
-    RunBatch(batch);
+    RunBatch(batch, rng() % 8 == 0 ? rng() % batch.size() : batch.size());
 
     // 1. Every request succeeded; reads returned possible data.
     for (const auto& op : batch) {
@@ -281,6 +301,7 @@ TEST_P(BlockDeviceModelTest, RandomRequestsMatchTheModel) {
   EXPECT_GT(stats.rmw, 0u);
   EXPECT_GT(stats.serialising_waits, 0u);
   EXPECT_GT(stats.bounced, 0u);
+  EXPECT_GT(drains_, 0);
   RecordProperty("uncertain_bytes", std::to_string(uncertain_bytes));
 }
 
