@@ -264,7 +264,7 @@ RequestSlotCopy CopyRequestSlot(Protocol protocol, std::span<const uint8_t> slot
   RequestSlotCopy copy;
   copy.protocol = protocol;
   copy.size = std::min(slot.size(), LayoutOf(protocol).request_size);
-  std::memcpy(copy.bytes.data(), slot.data(), copy.size);
+  if (copy.size > 0) std::memcpy(copy.bytes.data(), slot.data(), copy.size);  // data() may be null
   CompilerBarrier();
   return copy;
 }
