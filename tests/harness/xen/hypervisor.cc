@@ -224,6 +224,10 @@ void Hypervisor::Handle(DomainId caller, const HypervisorRequest& request, Hyper
     }
     case HypervisorOp::kEvtchnAllocUnbound: {
       Domain& self = DomainOf(caller);
+      if (self.ports.size() >= kMaxPortsPerDomain) {
+        reply->error = ENOSPC;
+        return;
+      }
       auto channel = std::make_shared<Channel>();
       for (UniqueFd& wake : channel->wake) {
         wake.Reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -253,6 +257,10 @@ void Hypervisor::Handle(DomainId caller, const HypervisorRequest& request, Hyper
         return;
       }
       Domain& self = DomainOf(caller);
+      if (self.ports.size() >= kMaxPortsPerDomain) {
+        reply->error = ENOSPC;
+        return;
+      }
       uint32_t port = self.next_port++;
       std::shared_ptr<Channel> channel = remote->second.channel;
       remote->second.bound = true;

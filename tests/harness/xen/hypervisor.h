@@ -48,6 +48,7 @@ class Hypervisor {
 
   static constexpr uint32_t kMaxPages = 1u << 18;         // 1 GiB per guest
   static constexpr uint32_t kMaxGrantEntries = 1u << 16;  // more than Xen's default 32 frames
+  static constexpr size_t kMaxPortsPerDomain = 4096;      // Xen's 2-level ABI limit on 64-bit
 
  private:
   struct Channel {

@@ -20,6 +20,9 @@ namespace {
 
 constexpr size_t kHeaderSize = sizeof(xsd_sockmsg);
 constexpr std::string_view kOk("OK\0", 3);
+// A client that stops reading while watch events pile up is dropped, like xenstored does when a
+// connection exceeds its output quota, instead of growing without bound.
+constexpr size_t kMaxPendingOutput = 4 << 20;
 
 const char* ErrnoName(int error) {
   for (const auto& entry : xsd_errors) {
@@ -130,6 +133,12 @@ void Xenstored::CloseConnection(uint64_t id) {
   connections_.erase(it);
 }
 
+void Xenstored::CloseDoomed() {
+  std::vector<uint64_t> doomed = std::move(doomed_);
+  doomed_.clear();
+  for (uint64_t id : doomed) CloseConnection(id);
+}
+
 void Xenstored::OnConnectionEvent(uint64_t id, uint32_t events) {
   auto it = connections_.find(id);
   if (it == connections_.end()) return;
@@ -160,6 +169,7 @@ void Xenstored::OnConnectionEvent(uint64_t id, uint32_t events) {
       std::string payload = conn.in.substr(kHeaderSize, header.len);
       conn.in.erase(0, kHeaderSize + header.len);
       HandleMessage(conn, header.type, header.req_id, header.tx_id, payload);
+      CloseDoomed();
       // The handler may have closed this connection (e.g. RELEASE of its own domain).
       if (!connections_.count(id)) return;
     }
@@ -182,6 +192,14 @@ void Xenstored::ReplyError(Connection& conn, uint32_t req_id, uint32_t tx_id, in
 
 void Xenstored::QueueWatchEvent(Connection& conn, const std::string& path,
                                 const std::string& token) {
+  if (conn.overflowed) return;
+  if (conn.out.size() > kMaxPendingOutput) {
+    BP_LOG(Warning) << "xenstored: connection " << conn.id << " (d" << conn.domid
+                    << ") does not read its watch events; dropping it";
+    conn.overflowed = true;
+    doomed_.push_back(conn.id);
+    return;
+  }
   std::string payload = path;
   payload.push_back('\0');
   payload += token;

@@ -76,6 +76,7 @@ class Xenstored {
     std::string in;
     std::string out;
     std::vector<Watch> watches;
+    bool overflowed = false;  // stopped reading; closed by CloseDoomed()
   };
   struct Listener {
     common::UniqueFd fd;
@@ -85,6 +86,8 @@ class Xenstored {
   void Accept(DomainId domid, int listen_fd);
   void OnConnectionEvent(uint64_t id, uint32_t events);
   void CloseConnection(uint64_t id);
+  // Closes connections marked while handling another one (never the one being handled mid-way).
+  void CloseDoomed();
   void HandleMessage(Connection& conn, uint32_t type, uint32_t req_id, uint32_t tx_id,
                      std::string_view payload);
   void Reply(Connection& conn, uint32_t type, uint32_t req_id, uint32_t tx_id,
@@ -102,6 +105,7 @@ class Xenstored {
   std::map<DomainId, Listener> listeners_;
   std::map<uint64_t, std::unique_ptr<Connection>> connections_;
   uint64_t next_connection_id_ = 1;
+  std::vector<uint64_t> doomed_;
 };
 
 }  // namespace blockplane::harness

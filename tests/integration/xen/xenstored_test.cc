@@ -434,6 +434,34 @@ TEST_F(RawXenstoredTest, SurvivesGarbageMessages) {
   EXPECT_EQ(ls.out, "garbage = \"ok\"\n");
 }
 
+TEST_F(RawXenstoredTest, ClientThatStopsReadingIsDroppedNotBuffered) {
+  int fd = Connect();
+  Send(fd, XS_WATCH, 1, std::string("/\0all\0", 7));  // every change, and never read
+  const std::string long_name = "/" + std::string(3000, 'x');
+  bool dropped = false;
+  for (int i = 0; i < 4000 && !dropped; ++i) {
+    ASSERT_TRUE(Write(dom0_.get(), long_name, std::to_string(i)));
+    // Drain nothing; check (without waiting) whether the daemon hung up on us.
+    if (i % 100 == 99) {
+      int pending = 0;
+      dropped = recv(fd, &pending, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+    }
+  }
+  // Read what the kernel buffered; the stream must end (EOF), not carry megabytes more.
+  size_t total = 0;
+  char buffer[65536];
+  while (true) {
+    pollfd pfd{fd, POLLIN, 0};
+    ASSERT_EQ(poll(&pfd, 1, 5000), 1) << "connection neither closed nor readable";
+    ssize_t got = read(fd, buffer, sizeof(buffer));
+    if (got <= 0) break;
+    total += static_cast<size_t>(got);
+    ASSERT_LT(total, 8u << 20);
+  }
+  close(fd);
+  EXPECT_TRUE(Write(dom0_.get(), "/still/serving", "1"));
+}
+
 TEST_F(XenstoredTest, RealXenstoreToolsWork) {
   const std::string socket = host_->XenstoredSocket(0);
   CommandResult result =
