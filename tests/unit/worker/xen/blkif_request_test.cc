@@ -572,6 +572,48 @@ TEST_P(BlkifRequestTest, RacingGuestCannotSmuggleAnInvalidRequest) {
   RecordProperty("accepted", accepted);
 }
 
+// The same for indirect descriptors: the guest flips them between valid and invalid while we
+// parse; accepted segments (what the I/O would use) must all be valid.
+TEST_P(BlkifIndirectSegmentsTest, RacingGuestCannotSmuggleInvalidDescriptors) {
+  testing::MappedPages shared(1);
+  constexpr int kCount = 64;
+  const auto good = IndirectPages(std::vector<Seg>(kCount, Seg{5, 0, 7}));
+  auto bad = good;
+  for (int i = 0; i < kCount; ++i) {
+    bad[i * 8 + 4] = 6;     // first_sect > last_sect
+    bad[i * 8 + 5] = 0xF0;  // last_sect beyond the page
+  }
+  std::memcpy(shared.data(), good.data(), kXenPageSize);
+  const BlkifRequest request = Accepted(0, kCount);
+
+  std::atomic<bool> stop{false};
+  std::thread guest([&] {
+    uint8_t* page = shared.data();
+    for (uint64_t n = 0; !stop.load(std::memory_order_relaxed); ++n) {
+      const auto& src = (n & 1) ? bad : good;
+      for (int i = 0; i < kCount * 8; ++i) {
+        std::atomic_ref<uint8_t>(page[i]).store(src[i], std::memory_order_relaxed);
+      }
+    }
+  });
+  [&] {
+    for (int i = 0; i < 20000; ++i) {
+      auto result = ParseIndirectSegments(
+          request, std::span<const uint8_t>(shared.data(), kXenPageSize), Geometry(), out_);
+      if (!result.ok()) continue;
+      uint64_t sectors = 0;
+      for (int s = 0; s < kCount; ++s) {
+        ASSERT_LE(out_[s].first_sect, out_[s].last_sect);
+        ASSERT_LE(out_[s].last_sect, 7);
+        sectors += out_[s].sectors();
+      }
+      ASSERT_EQ(result.value().transfer_bytes, sectors * 512);
+    }
+  }();
+  stop = true;
+  guest.join();
+}
+
 INSTANTIATE_TEST_SUITE_P(AllAbis, BlkifRequestTest, ::testing::ValuesIn(testing::kAllProtocols),
                          Name);
 INSTANTIATE_TEST_SUITE_P(AllAbis, BlkifIndirectSegmentsTest,
