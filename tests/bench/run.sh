@@ -94,7 +94,16 @@ ratios = {
     "backend_direct / fio_direct": med["backend_direct"] / med["fio_direct"],
     "ours_buffered / fio_buffered": med["ours_buffered"] / med["fio_buffered"],
 }
-summary = {"runtime_s": float(runtime), "reps": int(reps), "cpu": int(cpu),
+def paired(a, b, key="ops_per_sec", invert=False):
+    xs = [(y[key] / x[key]) if invert else (x[key] / y[key]) for x, y in zip(runs[a], runs[b])]
+    return {"per_rep": [round(x, 3) for x in xs], "median": statistics.median(xs)}
+paired_ratios = {
+    "block_null / nop32 (throughput)": paired("block_null", "nop32"),
+    "nop32 / block_null (CPU ns per op)": paired("block_null", "nop32", "cpu_ns_per_op", True),
+    "ours_direct / fio_direct": paired("ours_direct", "fio_direct"),
+    "ours_buffered / fio_buffered": paired("ours_buffered", "fio_buffered"),
+}
+summary = {"runtime_s": float(runtime), "paired_ratios": paired_ratios, "reps": int(reps), "cpu": int(cpu),
            "kernel": platform.release(), "median_ops_per_sec": med,
            "median_cpu_ns_per_op": cpu_ns, "ratios": ratios, "runs": runs,
            "commands": open(f"{out}/commands.txt").read().splitlines()}
@@ -116,6 +125,9 @@ for k in desc:
     lines.append(f"| {desc[k]} | {med[k]:.0f} | {c} | {allr} |")
 lines += ["", "| ratio | value |", "|---|---:|"]
 lines += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
+lines += ["", "| paired ratio (same repetition) | per repetition | median |", "|---|---|---:|"]
+lines += [f"| {k} | {', '.join(f'{x:.2f}' for x in v['per_rep'])} | {v['median']:.2f} |"
+          for k, v in paired_ratios.items()]
 open(f"{out}/results.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
