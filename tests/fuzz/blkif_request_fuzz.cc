@@ -7,7 +7,7 @@
 // Input layout (little-endian), shorter inputs are zero-padded:
 //   [0]      protocol: % 3 -> native, x86_32-abi, x86_64-abi
 //   [1]      flags: bit0 read_only, bit1 discard_enabled, bits2-3 log2(lbs / 512),
-//            bits4-5 log2(ring pages) % 3 (1, 2 or 4 pages)
+//            bits4-5 log2(ring pages) % 3 (1, 2 or 4 pages), bit6 flush off, bit7 barrier off
 //   [2..3]   max_indirect_segments
 //   [4..11]  disk sectors
 //   [12..15] ring start index (req_cons = rsp_prod_pvt at attach)
@@ -66,7 +66,7 @@ void CheckSegment(const BlkifSegment& s, const DeviceGeometry& g) {
 void CheckRefusal(const RequestError& e) {
   FUZZ_CHECK(static_cast<size_t>(e.reason) < kInvalidReasonCount);
   const bool unsupported =
-      e.reason == InvalidReason::kUnknownOperation || e.reason == InvalidReason::kDiscardDisabled;
+      e.reason == InvalidReason::kUnknownOperation || e.reason == InvalidReason::kNotAdvertised;
   FUZZ_CHECK(e.status == (unsupported ? BLKIF_RSP_EOPNOTSUPP : BLKIF_RSP_ERROR));
 }
 
@@ -95,6 +95,8 @@ void CheckParsed(const Parsed<BlkifRequest>& parsed, const DeviceGeometry& g) {
         FUZZ_CHECK(r.sector_number % LbsSectors(g) == 0);
       }
       FUZZ_CHECK(!g.read_only || r.operation == BLKIF_OP_READ);
+      FUZZ_CHECK(g.flush_enabled || r.operation != BLKIF_OP_FLUSH_DISKCACHE);
+      FUZZ_CHECK(g.barrier_enabled || r.operation != BLKIF_OP_WRITE_BARRIER);
       break;
     }
     case BLKIF_OP_INDIRECT: {
@@ -144,6 +146,8 @@ void RunOne(const uint8_t* data, size_t size) {
   DeviceGeometry geometry;
   geometry.read_only = flags & 1;
   geometry.discard_enabled = flags & 2;
+  geometry.flush_enabled = !(flags & 0x40);
+  geometry.barrier_enabled = !(flags & 0x80);
   geometry.logical_block_size = kSectorSize << ((flags >> 2) & 3);
   const size_t ring_pages = size_t{1} << (((flags >> 4) & 3) % 3);
   geometry.max_indirect_segments = Load<uint16_t>(data, size, 2);

@@ -67,12 +67,13 @@ def indirect(abi, iop, rid, sector, nr, grefs):
 
 
 def seed(abi, requests, *, read_only=False, discard_on=True, lbs_log2=0, pages_log2=0,
-         max_indirect=256, sectors=1 << 20, start=0, req_prod_2=None, rsp_event_2=None,
+         max_indirect=256, sectors=1 << 20, flush_off=False, barrier_off=False, start=0, req_prod_2=None, rsp_event_2=None,
          indirect_segs=()):
     pages = 1 << pages_log2
     a = ABI[abi]
     size = ring_size(pages, a["entry"])
-    flags = int(read_only) | (int(discard_on) << 1) | (lbs_log2 << 2) | (pages_log2 << 4)
+    flags = (int(read_only) | (int(discard_on) << 1) | (lbs_log2 << 2) | (pages_log2 << 4)
+             | (int(flush_off) << 6) | (int(barrier_off) << 7))
     req_prod = (start + len(requests)) & 0xFFFFFFFF
     if req_prod_2 is None:
         req_prod_2 = req_prod
@@ -128,6 +129,8 @@ def main():
         seeds[f"{name}-4-pages"] = seed(abi, mix(abi) * 4, pages_log2=2, indirect_segs=segs)
         seeds[f"{name}-no-discard-no-indirect"] = seed(abi, mix(abi), discard_on=False,
                                                        max_indirect=0)
+        seeds[f"{name}-no-flush-no-barrier"] = seed(abi, mix(abi), flush_off=True,
+                                                    barrier_off=True, indirect_segs=segs)
     for name, data in sorted(seeds.items()):
         with open(os.path.join(OUT, name), "wb") as f:
             f.write(data)

@@ -96,7 +96,7 @@ Decoded Decode(const RequestSlotCopy& copy) {
 
 RequestError Refuse(uint64_t id, uint8_t operation, InvalidReason reason) {
   const bool unsupported =
-      reason == InvalidReason::kUnknownOperation || reason == InvalidReason::kDiscardDisabled;
+      reason == InvalidReason::kUnknownOperation || reason == InvalidReason::kNotAdvertised;
   return RequestError{
       .id = id,
       .operation = operation,
@@ -141,6 +141,10 @@ std::optional<InvalidReason> CheckSegment(const BlkifSegment& seg, uint32_t lbs_
 
 Parsed<BlkifRequest> ValidateDirect(const Decoded& d, const DeviceGeometry& geometry) {
   const uint32_t lbs_sectors = LbsSectors(geometry);
+  if ((d.operation == BLKIF_OP_FLUSH_DISKCACHE && !geometry.flush_enabled) ||
+      (d.operation == BLKIF_OP_WRITE_BARRIER && !geometry.barrier_enabled)) {
+    return Refuse(d.id, d.operation, InvalidReason::kNotAdvertised);
+  }
   // Only FLUSH_DISKCACHE may carry no data (blkback: nseg == 0 only with a pure REQ_PREFLUSH;
   // WRITE_BARRIER is PREFLUSH|FUA of data and needs segments).
   if ((d.nr_segments == 0 && d.operation != BLKIF_OP_FLUSH_DISKCACHE) ||
@@ -213,7 +217,7 @@ Parsed<BlkifRequest> ValidateIndirect(const Decoded& d, const DeviceGeometry& ge
 Parsed<BlkifRequest> ValidateDiscard(const Decoded& d, const DeviceGeometry& geometry) {
   // Not advertised: "not supported" (blkback answers EOPNOTSUPP when the device cannot discard).
   if (!geometry.discard_enabled) {
-    return Refuse(d.id, d.operation, InvalidReason::kDiscardDisabled);
+    return Refuse(d.id, d.operation, InvalidReason::kNotAdvertised);
   }
   if (geometry.read_only) return Refuse(d.id, d.operation, InvalidReason::kReadOnlyWrite);
   if (d.discard_nr_sectors == 0) return Refuse(d.id, d.operation, InvalidReason::kBadDiscard);
@@ -252,8 +256,8 @@ std::string_view InvalidReasonName(InvalidReason reason) {
       return "readonly_write";
     case InvalidReason::kBadIndirect:
       return "bad_indirect";
-    case InvalidReason::kDiscardDisabled:
-      return "discard_disabled";
+    case InvalidReason::kNotAdvertised:
+      return "not_advertised";
     case InvalidReason::kBadDiscard:
       return "bad_discard";
   }

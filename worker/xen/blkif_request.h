@@ -36,6 +36,10 @@ struct DeviceGeometry {
   // Values above the protocol limit (8 pages x 512) are clamped to it.
   uint32_t max_indirect_segments = 0;
   bool discard_enabled = false;
+  // feature-flush-cache / feature-barrier. A FLUSH_DISKCACHE or WRITE_BARRIER that was not
+  // advertised is answered EOPNOTSUPP, as blkback answers when the device cannot flush.
+  bool flush_enabled = true;
+  bool barrier_enabled = true;
   // sector-size: 512, 1024, 2048 or 4096. Requests must be aligned to it (start sector and every
   // segment), as blkback requires; with 4096 every segment is a whole page (first 0, last 7).
   uint32_t logical_block_size = kSectorSize;
@@ -51,20 +55,20 @@ enum class InvalidReason : uint8_t {
   kBadSectorRange,    // [sector, sector + n) not inside the disk, or overflows
   kReadOnlyWrite,     // write, barrier, flush or discard to a read-only device
   kBadIndirect,       // indirect_op not READ/WRITE, indirect not advertised, pages too short
-  kDiscardDisabled,   // DISCARD while feature-discard is off
+  kNotAdvertised,     // DISCARD, FLUSH_DISKCACHE or WRITE_BARRIER whose feature key is off
   kBadDiscard,        // DISCARD of 0 sectors
 };
 inline constexpr size_t kInvalidReasonCount = 10;
 
 // "short_slot", "unknown_op", "bad_nr_segments", "bad_first_last_sect", "misaligned",
-// "bad_sector_range", "readonly_write", "bad_indirect", "discard_disabled", "bad_discard".
+// "bad_sector_range", "readonly_write", "bad_indirect", "not_advertised", "bad_discard".
 std::string_view InvalidReasonName(InvalidReason reason);
 
 // The answer owed to the guest for a request that was refused.
 struct RequestError {
   uint64_t id = 0;        // the guest's id, echoed in the response
   uint8_t operation = 0;  // echoed in the response: indirect_op for INDIRECT (as blkback)
-  int16_t status = BLKIF_RSP_ERROR;  // BLKIF_RSP_EOPNOTSUPP for unknown op / discard disabled
+  int16_t status = BLKIF_RSP_ERROR;  // BLKIF_RSP_EOPNOTSUPP for unknown / unadvertised ops
   InvalidReason reason = InvalidReason::kUnknownOperation;
 };
 

@@ -337,8 +337,21 @@ TEST_P(BlkifRequestTest, DiscardRefusals) {
                 BLKIF_OP_DISCARD);
   DeviceGeometry off = Geometry();
   off.discard_enabled = false;
-  ExpectRefused(Parse(DiscardSlot(p(), kId, 0, 8), off), InvalidReason::kDiscardDisabled,
+  ExpectRefused(Parse(DiscardSlot(p(), kId, 0, 8), off), InvalidReason::kNotAdvertised,
                 BLKIF_OP_DISCARD, BLKIF_RSP_EOPNOTSUPP);
+}
+
+TEST_P(BlkifRequestTest, FlushAndBarrierOnlyWhenAdvertised) {
+  DeviceGeometry g = Geometry();
+  g.flush_enabled = false;
+  ExpectRefused(Parse(RwSlot(p(), BLKIF_OP_FLUSH_DISKCACHE, kId, 0, {}), g),
+                InvalidReason::kNotAdvertised, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_RSP_EOPNOTSUPP);
+  ExpectAccepted(Parse(RwSlot(p(), BLKIF_OP_WRITE_BARRIER, kId, 0, {{1, 0, 7}}), g));
+  g = Geometry();
+  g.barrier_enabled = false;
+  ExpectRefused(Parse(RwSlot(p(), BLKIF_OP_WRITE_BARRIER, kId, 0, {{1, 0, 7}}), g),
+                InvalidReason::kNotAdvertised, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP);
+  ExpectAccepted(Parse(RwSlot(p(), BLKIF_OP_FLUSH_DISKCACHE, kId, 0, {}), g));
 }
 
 // --- slot size ----------------------------------------------------------------------------------
