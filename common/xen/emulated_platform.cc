@@ -71,6 +71,10 @@ class HypervisorClient {
     if (!fd || ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
       return ErrnoToStatus(errno, "cannot connect to the emulated hypervisor at " + path);
     }
+    // A hung host must fail calls, not hang the backend forever.
+    timeval timeout{30, 0};
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
     auto client = std::make_shared<HypervisorClient>();
     client->fd_ = std::move(fd);
     return client;
@@ -91,7 +95,11 @@ class HypervisorClient {
     auto received = ReceiveWithFds(
         fd_.get(), std::as_writable_bytes(std::span<HypervisorReply>(&result.reply, 1)),
         emulated::kMaxReplyFds);
-    if (!received.ok()) return received.status();
+    if (!received.ok()) {
+      // A late reply would answer the next request: this connection is unusable from now on.
+      ::shutdown(fd_.get(), SHUT_RDWR);
+      return received.status();
+    }
     if (received->size != sizeof(HypervisorReply) || received->truncated ||
         result.reply.magic != emulated::kProtocolMagic) {
       return absl::DataLossError("malformed reply from the emulated hypervisor");

@@ -145,6 +145,14 @@ int XsTree::Create(DomainId caller, const std::string& path, std::string_view va
   for (std::string current = path; current != ancestor_path; current = ParentPath(current)) {
     missing.push_back(current);
   }
+  if (caller != 0) {
+    // A guest owns what it creates; bound how much (a linear scan: stores here are small).
+    size_t owned = 0;
+    for (const auto& [node_path, node] : nodes_) {
+      if (!node.perms.empty() && node.perms[0].domid == caller) ++owned;
+    }
+    if (owned + missing.size() > kGuestNodeQuota) return ENOSPC;
+  }
   for (auto it = missing.rbegin(); it != missing.rend(); ++it) {
     const std::string& child_path = *it;
     std::string parent_path = ParentPath(child_path);
@@ -272,6 +280,12 @@ uint32_t XsStore::StartTransaction(uint64_t owner) {
   transaction.tree = std::make_unique<XsTree>(tree_);
   transaction.snapshot = std::make_unique<XsTree>(tree_);
   return id;
+}
+
+size_t XsStore::TransactionsOf(uint64_t owner) const {
+  size_t count = 0;
+  for (const auto& [id, transaction] : transactions_) count += transaction.owner == owner;
+  return count;
 }
 
 XsTree* XsStore::TransactionTree(uint32_t id, uint64_t owner) {

@@ -64,6 +64,11 @@ std::string ParentPath(std::string_view path);
 // XENSTORE_ABS_PATH_MAX bytes.
 bool IsValidAbsolutePath(std::string_view path);
 
+// Quotas for unprivileged domains, xenstored's defaults: nodes a guest may own, and open
+// transactions per guest connection. Exceeding them gives ENOSPC.
+inline constexpr size_t kGuestNodeQuota = 1000;
+inline constexpr size_t kGuestTransactionQuota = 10;
+
 // A set of nodes with the operations of the wire protocol, performed as connection `caller`.
 // Used both for the committed store and for each transaction's private copy.
 class XsTree {
@@ -132,6 +137,7 @@ class XsStore {
 
   // Returns a new non-zero transaction id.
   uint32_t StartTransaction(uint64_t owner);
+  size_t TransactionsOf(uint64_t owner) const;
   // Returns nullptr for unknown ids or ids owned by another connection.
   XsTree* TransactionTree(uint32_t id, uint64_t owner);
   std::set<std::string>* TransactionReadSet(uint32_t id, uint64_t owner);

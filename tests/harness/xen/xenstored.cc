@@ -443,6 +443,9 @@ void Xenstored::HandleMessage(Connection& conn, uint32_t type, uint32_t req_id, 
       return ok_reply();
     case XS_TRANSACTION_START: {
       if (tx_id != 0) return error_reply(EBUSY);
+      if (conn.domid != 0 && store_.TransactionsOf(conn.id) >= kGuestTransactionQuota) {
+        return error_reply(ENOSPC);
+      }
       std::string reply = std::to_string(store_.StartTransaction(conn.id));
       reply.push_back('\0');
       return Reply(conn, type, req_id, 0, reply);

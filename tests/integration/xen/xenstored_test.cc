@@ -280,6 +280,53 @@ TEST_F(XenstoredTest, GuestWritesOnlyUnderItsHomeAndWherePermsAllow) {
   EXPECT_EQ(errno, EACCES);
 }
 
+TEST_F(XenstoredTest, LargeDirectoriesGoThroughDirectoryPart) {
+  // More than XENSTORE_PAYLOAD_MAX bytes of names: XS_DIRECTORY answers E2BIG and libxenstore
+  // falls back to XS_DIRECTORY_PART.
+  std::vector<std::string> expected;
+  for (int i = 0; i < 300; ++i) {
+    std::string name = "child-with-a-long-name-" + std::to_string(i);
+    ASSERT_TRUE(Write(dom0_.get(), "/big/" + name, ""));
+    expected.push_back(name);
+  }
+  EXPECT_THAT(Directory(dom0_.get(), "/big"), ::testing::UnorderedElementsAreArray(expected));
+}
+
+TEST_F(XenstoredTest, GuestQuotasGiveEnospc) {
+  XsHandle guest = IntroduceAndConnect(6);
+  ASSERT_TRUE(guest);
+  int created = 0;
+  int error = 0;
+  for (int i = 0; i < 1100; ++i) {
+    errno = 0;
+    if (!Write(guest.get(), "n/" + std::to_string(i), "")) {
+      error = errno;
+      break;
+    }
+    ++created;
+  }
+  EXPECT_EQ(error, ENOSPC);
+  EXPECT_GT(created, 900);
+  EXPECT_LT(created, 1000);  // "n" and the home directory count too
+  ASSERT_TRUE(xs_rm(guest.get(), XBT_NULL, "n/0"));
+  EXPECT_TRUE(Write(guest.get(), "n/again", ""));                  // room again
+  EXPECT_TRUE(Write(dom0_.get(), "/local/domain/6/by-dom0", ""));  // dom0 has no quota
+
+  std::vector<xs_transaction_t> open;
+  for (int i = 0; i < 10; ++i) {
+    xs_transaction_t tx = xs_transaction_start(guest.get());
+    ASSERT_NE(tx, XBT_NULL) << i;
+    open.push_back(tx);
+  }
+  errno = 0;
+  EXPECT_EQ(xs_transaction_start(guest.get()), XBT_NULL);
+  EXPECT_EQ(errno, ENOSPC);
+  for (xs_transaction_t tx : open) EXPECT_TRUE(xs_transaction_end(guest.get(), tx, true));
+  xs_transaction_t tx = xs_transaction_start(guest.get());
+  EXPECT_NE(tx, XBT_NULL);
+  xs_transaction_end(guest.get(), tx, true);
+}
+
 TEST_F(XenstoredTest, GuestWatchSeesOnlyReadableNodesWithRelativePaths) {
   XsHandle guest = IntroduceAndConnect(4);
   ASSERT_TRUE(guest);
