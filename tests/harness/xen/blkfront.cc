@@ -186,7 +186,9 @@ Blkfront::Blkfront(common::xen::XenPlatform* platform, GuestDomain* guest, Blkfr
 }
 
 Blkfront::~Blkfront() {
-  for (common::xen::GrantRef ref : ring_refs_) guest_->EndAccess(ref);
+  for (const BlkfrontQueue& queue : queues_) {
+    for (common::xen::GrantRef ref : queue.ring_refs) guest_->EndAccess(ref);
+  }
 }
 
 absl::Status Blkfront::SwitchState(XenbusState state) {
@@ -212,10 +214,12 @@ absl::Status Blkfront::ReadBackendFeatures() {
   auto persistent = ReadNumber<uint32_t>(store, be + "/feature-persistent", 0u);
   auto flush = ReadNumber<uint32_t>(store, be + "/feature-flush-cache", 0u);
   auto discard = ReadNumber<uint32_t>(store, be + "/feature-discard", 0u);
-  for (const absl::Status& status :
-       {order.status(), persistent.status(), flush.status(), discard.status()}) {
+  auto max_queues = ReadNumber<uint32_t>(store, be + "/multi-queue-max-queues", 1u);
+  for (const absl::Status& status : {order.status(), persistent.status(), flush.status(),
+                                     discard.status(), max_queues.status()}) {
     if (!status.ok()) return status;
   }
+  backend_info_.max_queues = std::max(*max_queues, 1u);
   backend_info_.max_ring_page_order = *order;
   backend_info_.feature_persistent = *persistent != 0;
   backend_info_.feature_flush_cache = *flush != 0;
@@ -224,31 +228,37 @@ absl::Status Blkfront::ReadBackendFeatures() {
   return absl::OkStatus();
 }
 
-absl::Status Blkfront::SetUpRing() {
+absl::Status Blkfront::SetUpRings() {
   const uint32_t pages = 1u << ring_page_order_;
-  if (options_.first_ring_frame + pages > guest_->pages()) {
+  const uint32_t num_queues = std::max(1u, std::min(options_.num_queues, backend_info_.max_queues));
+  const uint64_t total = uint64_t{pages} * num_queues;
+  if (options_.first_ring_frame + total > guest_->pages()) {
     return absl::InvalidArgumentError("ring frames beyond guest memory");
   }
-  if (options_.first_ring_ref + pages > guest_->grant_entries()) {
+  if (options_.first_ring_ref + total > guest_->grant_entries()) {
     return absl::InvalidArgumentError("ring grant refs beyond the grant table");
   }
-  ring_ = guest_->Page(options_.first_ring_frame).data();
-  std::memset(ring_, 0, size_t{pages} * common::xen::kXenPageSize);
-  auto* sring = reinterpret_cast<blkif_sring*>(ring_);
-  SHARED_RING_INIT(sring);
-  ring_refs_.clear();
-  for (uint32_t i = 0; i < pages; ++i) {
-    common::xen::GrantRef ref = options_.first_ring_ref + i;
-    if (absl::Status status =
-            guest_->GrantAccess(ref, backend_domid_, options_.first_ring_frame + i, false);
-        !status.ok()) {
-      return status;
+  queues_.clear();
+  for (uint32_t q = 0; q < num_queues; ++q) {
+    BlkfrontQueue queue;
+    const uint32_t first_frame = options_.first_ring_frame + q * pages;
+    queue.ring = guest_->Page(first_frame).data();
+    std::memset(queue.ring, 0, size_t{pages} * common::xen::kXenPageSize);
+    auto* sring = reinterpret_cast<blkif_sring*>(queue.ring);
+    SHARED_RING_INIT(sring);
+    for (uint32_t i = 0; i < pages; ++i) {
+      common::xen::GrantRef ref = options_.first_ring_ref + q * pages + i;
+      if (absl::Status status = guest_->GrantAccess(ref, backend_domid_, first_frame + i, false);
+          !status.ok()) {
+        return status;
+      }
+      queue.ring_refs.push_back(ref);
     }
-    ring_refs_.push_back(ref);
+    auto channel = platform_->AllocUnbound(backend_domid_);
+    if (!channel.ok()) return channel.status();
+    queue.event_channel = std::move(*channel);
+    queues_.push_back(std::move(queue));
   }
-  auto channel = platform_->AllocUnbound(backend_domid_);
-  if (!channel.ok()) return channel.status();
-  event_channel_ = std::move(*channel);
   return absl::OkStatus();
 }
 
@@ -257,15 +267,26 @@ absl::Status Blkfront::PublishRing() {
   const std::string& fe = paths_.frontend;
   return store.RunTransaction([&](TransactionId tx) -> absl::Status {
     std::vector<std::pair<std::string, std::string>> keys;
-    if (ring_page_order_ == 0) {
-      keys.emplace_back(fe + "/ring-ref", std::to_string(ring_refs_[0]));
-    } else {
+    if (ring_page_order_ != 0) {
       keys.emplace_back(fe + "/ring-page-order", std::to_string(ring_page_order_));
-      for (size_t i = 0; i < ring_refs_.size(); ++i) {
-        keys.emplace_back(fe + "/ring-ref" + std::to_string(i), std::to_string(ring_refs_[i]));
-      }
     }
-    keys.emplace_back(fe + "/event-channel", std::to_string(event_channel_->local_port()));
+    // One queue: its keys at the top; several: multi-queue-num-queues and queue-<n>/ keys
+    // (blkif.h "Multiple Queues").
+    const bool multi = queues_.size() > 1;
+    if (multi) keys.emplace_back(fe + "/multi-queue-num-queues", std::to_string(queues_.size()));
+    for (size_t q = 0; q < queues_.size(); ++q) {
+      const std::string dir = multi ? fe + "/queue-" + std::to_string(q) : fe;
+      const BlkfrontQueue& queue = queues_[q];
+      if (ring_page_order_ == 0) {
+        keys.emplace_back(dir + "/ring-ref", std::to_string(queue.ring_refs[0]));
+      } else {
+        for (size_t i = 0; i < queue.ring_refs.size(); ++i) {
+          keys.emplace_back(dir + "/ring-ref" + std::to_string(i),
+                            std::to_string(queue.ring_refs[i]));
+        }
+      }
+      keys.emplace_back(dir + "/event-channel", std::to_string(queue.event_channel->local_port()));
+    }
     keys.emplace_back(fe + "/protocol", options_.protocol);
     keys.emplace_back(fe + "/feature-persistent", options_.persistent_grants ? "1" : "0");
     for (const auto& [path, value] : keys) {
@@ -307,7 +328,7 @@ absl::Status Blkfront::Connect() {
       options_.timeout_ms);
   if (!backend_state.ok()) return backend_state.status();
   if (absl::Status status = ReadBackendFeatures(); !status.ok()) return status;
-  if (absl::Status status = SetUpRing(); !status.ok()) return status;
+  if (absl::Status status = SetUpRings(); !status.ok()) return status;
   if (absl::Status status = PublishRing(); !status.ok()) return status;
   if (absl::Status status = SwitchState(XenbusState::kInitialised); !status.ok()) return status;
 
@@ -339,15 +360,17 @@ absl::Status Blkfront::Disconnect() {
       store, paths_.backend + "/state", "blkfront-backend",
       [](XenbusState s) { return s == XenbusState::kClosed; }, nullptr, options_.timeout_ms);
   if (!backend_state.ok()) return backend_state.status();
-  event_channel_.reset();
   bool all_revoked = true;
-  for (common::xen::GrantRef ref : ring_refs_) all_revoked &= guest_->EndAccess(ref);
+  for (BlkfrontQueue& queue : queues_) {
+    queue.event_channel.reset();
+    for (common::xen::GrantRef ref : queue.ring_refs) all_revoked &= guest_->EndAccess(ref);
+  }
   if (!all_revoked) {
     // Linux leaks such pages rather than reuse them; report it so tests catch a backend that
     // keeps the ring mapped after Closed.
     return absl::FailedPreconditionError("backend still maps the ring after Closed");
   }
-  ring_refs_.clear();
+  queues_.clear();
   return absl::OkStatus();
 }
 

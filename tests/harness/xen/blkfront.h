@@ -5,10 +5,11 @@
 // XenbusState handshake of xen/io/blkif.h, as Linux's xen-blkfront does in talk_to_blkback():
 //
 //   wait for the backend's InitWait -> read its features -> allocate and SHARED_RING_INIT the
-//   ring page(s) in guest memory, grant them to the backend, allocate an unbound event channel ->
-//   write ring-ref (or ring-page-order + ring-ref<i>), event-channel, protocol,
-//   feature-persistent in one transaction -> Initialised -> wait for the backend's Connected ->
-//   read sectors/info/sector-size -> Connected.
+//   ring page(s) of each queue in guest memory, grant them to the backend, allocate an unbound
+//   event channel per queue -> write ring-ref (or ring-page-order + ring-ref<i>), event-channel,
+//   protocol, feature-persistent in one transaction (with several queues: multi-queue-num-queues
+//   and the per-queue keys under queue-<n>/) -> Initialised -> wait for the backend's Connected
+//   -> read sectors/info/sector-size -> Connected.
 //
 // Request submission and workloads are not here yet (the blkif backend is another engineer's).
 // Also here: the toolstack's xenstore entries for a vbd, which a test writes as dom0.
@@ -73,9 +74,12 @@ absl::StatusOr<XenbusState> WaitForXenbusState(common::xen::XenStore& store,
 struct BlkfrontOptions {
   uint32_t devid = 51712;        // xvda
   uint32_t ring_page_order = 0;  // wanted; capped by the backend's max-ring-page-order
+  uint32_t num_queues = 1;       // wanted; capped by the backend's multi-queue-max-queues
   std::string protocol = "x86_64-abi";
   bool persistent_grants = true;
-  uint32_t first_ring_frame = 0;  // guest frames [first, first + 2^order) hold the ring
+  // Queue q's ring is in guest frames [first + q * 2^order, first + (q + 1) * 2^order), granted
+  // with refs counted the same way from first_ring_ref.
+  uint32_t first_ring_frame = 0;
   common::xen::GrantRef first_ring_ref = 0;
   int timeout_ms = 10000;
 };
@@ -86,9 +90,16 @@ struct BlkbackInfo {
   uint32_t physical_sector_size = 512;
   uint32_t info = 0;  // VDISK_* flags
   uint32_t max_ring_page_order = 0;
+  uint32_t max_queues = 1;
   bool feature_persistent = false;
   bool feature_flush_cache = false;
   bool feature_discard = false;
+};
+
+struct BlkfrontQueue {
+  std::vector<common::xen::GrantRef> ring_refs;
+  std::byte* ring = nullptr;  // ring_refs.size() contiguous pages of guest memory
+  std::unique_ptr<common::xen::EventChannel> event_channel;
 };
 
 class Blkfront {
@@ -108,15 +119,13 @@ class Blkfront {
   common::xen::DomainId backend_domid() const { return backend_domid_; }
   const BlkbackInfo& backend_info() const { return backend_info_; }
   uint32_t ring_page_order() const { return ring_page_order_; }
-  const std::vector<common::xen::GrantRef>& ring_refs() const { return ring_refs_; }
-  // The shared ring (ring_refs().size() pages of guest memory); valid after Connect().
-  std::byte* ring() const { return ring_; }
-  common::xen::EventChannel* event_channel() const { return event_channel_.get(); }
+  // One per negotiated queue; valid after Connect().
+  const std::vector<BlkfrontQueue>& queues() const { return queues_; }
 
  private:
   absl::Status ReadBackendPath();
   absl::Status ReadBackendFeatures();
-  absl::Status SetUpRing();
+  absl::Status SetUpRings();
   absl::Status PublishRing();
   absl::Status ReadConnectedInfo();
   absl::Status SwitchState(XenbusState state);
@@ -128,9 +137,7 @@ class Blkfront {
   common::xen::DomainId backend_domid_ = 0;
   BlkbackInfo backend_info_;
   uint32_t ring_page_order_ = 0;
-  std::vector<common::xen::GrantRef> ring_refs_;
-  std::byte* ring_ = nullptr;
-  std::unique_ptr<common::xen::EventChannel> event_channel_;
+  std::vector<BlkfrontQueue> queues_;
 };
 
 }  // namespace blockplane::harness

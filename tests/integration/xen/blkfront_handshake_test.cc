@@ -48,19 +48,22 @@ bool WaitReadable(int fd, int timeout_ms = kTimeoutMs) {
 struct FakeBackendReport {
   absl::Status status;
   std::string protocol;
-  uint32_t ring_pages = 0;
-  bool ring_initialised = false;
+  uint32_t queues = 0;
+  uint32_t ring_pages_per_queue = 0;
+  bool rings_initialised = false;
 };
 
-// Plays the backend side of the handshake once, then the close sequence.
+// Plays the backend side of the handshake once (every queue: map the ring, bind the event
+// channel, answer one kick), then the close sequence.
 void RunFakeBackend(XenPlatform* dom0, VbdPaths paths, uint32_t max_ring_page_order,
-                    FakeBackendReport* report) {
+                    uint32_t max_queues, FakeBackendReport* report) {
   auto& store = dom0->xenstore();
   auto fail = [&](absl::Status status) { report->status = std::move(status); };
   const std::string& be = paths.backend;
   const std::string& fe = paths.frontend;
   for (auto [key, value] : std::vector<std::pair<std::string, std::string>>{
            {"/max-ring-page-order", std::to_string(max_ring_page_order)},
+           {"/multi-queue-max-queues", std::to_string(max_queues)},
            {"/feature-persistent", "1"},
            {"/feature-flush-cache", "1"},
            {"/state", "2"}}) {
@@ -73,35 +76,45 @@ void RunFakeBackend(XenPlatform* dom0, VbdPaths paths, uint32_t max_ring_page_or
       [](XenbusState s) { return s == XenbusState::kClosed; }, kTimeoutMs);
   if (!state.ok()) return fail(state.status());
 
-  std::vector<GrantRef> refs;
-  auto order_text = store.Read(fe + "/ring-page-order", kNoTransaction);
-  if (order_text.ok()) {
-    uint32_t order = std::stoul(*order_text);
+  uint32_t order = 0;
+  if (auto text = store.Read(fe + "/ring-page-order", kNoTransaction); text.ok()) {
+    order = std::stoul(*text);
+  }
+  uint32_t queues = 1;
+  if (auto text = store.Read(fe + "/multi-queue-num-queues", kNoTransaction); text.ok()) {
+    queues = std::stoul(*text);
+  }
+  auto protocol = store.Read(fe + "/protocol", kNoTransaction);
+  if (!protocol.ok()) return fail(protocol.status());
+  report->protocol = *protocol;
+  report->queues = queues;
+  report->ring_pages_per_queue = 1u << order;
+  report->rings_initialised = true;
+
+  std::vector<std::unique_ptr<common::xen::GrantMapping>> rings;
+  std::vector<std::unique_ptr<common::xen::EventChannel>> channels;
+  for (uint32_t q = 0; q < queues; ++q) {
+    const std::string dir = queues > 1 ? fe + "/queue-" + std::to_string(q) : fe;
+    std::vector<GrantRef> refs;
     for (uint32_t i = 0; i < (1u << order); ++i) {
-      auto ref = store.Read(fe + "/ring-ref" + std::to_string(i), kNoTransaction);
+      auto ref = store.Read(order == 0 ? dir + "/ring-ref" : dir + "/ring-ref" + std::to_string(i),
+                            kNoTransaction);
       if (!ref.ok()) return fail(ref.status());
       refs.push_back(std::stoul(*ref));
     }
-  } else {
-    auto ref = store.Read(fe + "/ring-ref", kNoTransaction);
-    if (!ref.ok()) return fail(ref.status());
-    refs.push_back(std::stoul(*ref));
+    auto ring = dom0->grant_table().Map(kGuest, refs, /*writable=*/true);
+    if (!ring.ok()) return fail(ring.status());
+    blkif_sring header;
+    std::memcpy(&header, (*ring)->data(), sizeof(header));  // copy out once, then look
+    report->rings_initialised &= header.req_prod == 0 && header.rsp_prod == 0 &&
+                                 header.req_event == 1 && header.rsp_event == 1;
+    rings.push_back(std::move(*ring));
+    auto port = store.Read(dir + "/event-channel", kNoTransaction);
+    if (!port.ok()) return fail(port.status());
+    auto channel = dom0->BindInterdomain(kGuest, std::stoul(*port));
+    if (!channel.ok()) return fail(channel.status());
+    channels.push_back(std::move(*channel));
   }
-  auto port = store.Read(fe + "/event-channel", kNoTransaction);
-  auto protocol = store.Read(fe + "/protocol", kNoTransaction);
-  if (!port.ok()) return fail(port.status());
-  if (!protocol.ok()) return fail(protocol.status());
-  report->protocol = *protocol;
-  report->ring_pages = static_cast<uint32_t>(refs.size());
-
-  auto ring = dom0->grant_table().Map(kGuest, refs, /*writable=*/true);
-  if (!ring.ok()) return fail(ring.status());
-  blkif_sring header;
-  std::memcpy(&header, (*ring)->data(), sizeof(header));  // copy out once, then look
-  report->ring_initialised = header.req_prod == 0 && header.rsp_prod == 0 &&
-                             header.req_event == 1 && header.rsp_event == 1;
-  auto channel = dom0->BindInterdomain(kGuest, std::stoul(*port));
-  if (!channel.ok()) return fail(channel.status());
 
   for (auto [key, value] :
        std::vector<std::pair<std::string, std::string>>{{"/sectors", "2048"},
@@ -113,10 +126,12 @@ void RunFakeBackend(XenPlatform* dom0, VbdPaths paths, uint32_t max_ring_page_or
       return fail(status);
     }
   }
-  // One kick from the frontend, answered with one kick back.
-  if (!WaitReadable((*channel)->ReadinessFd())) return fail(absl::DeadlineExceededError("kick"));
-  (void)(*channel)->Ack();
-  if (absl::Status status = (*channel)->Notify(); !status.ok()) return fail(status);
+  // One kick per queue from the frontend, each answered on the same queue.
+  for (auto& channel : channels) {
+    if (!WaitReadable(channel->ReadinessFd())) return fail(absl::DeadlineExceededError("kick"));
+    (void)channel->Ack();
+    if (absl::Status status = channel->Notify(); !status.ok()) return fail(status);
+  }
 
   state = WaitForXenbusState(
       store, fe + "/state", "be", [](XenbusState s) { return s == XenbusState::kClosing; }, nullptr,
@@ -129,12 +144,17 @@ void RunFakeBackend(XenPlatform* dom0, VbdPaths paths, uint32_t max_ring_page_or
       store, fe + "/state", "be", [](XenbusState s) { return s == XenbusState::kClosed; }, nullptr,
       kTimeoutMs);
   if (!state.ok()) return fail(state.status());
-  ring->reset();
-  channel->reset();
+  rings.clear();
+  channels.clear();
   report->status = store.Write(be + "/state", "6", kNoTransaction);
 }
 
-class BlkfrontHandshakeTest : public ::testing::TestWithParam<uint32_t> {
+struct HandshakeParams {
+  uint32_t wanted_order;
+  uint32_t wanted_queues;
+};
+
+class BlkfrontHandshakeTest : public ::testing::TestWithParam<HandshakeParams> {
  protected:
   void SetUp() override {
     auto host = XenHost::Create(XenHostOptions{dir_.path()});
@@ -172,14 +192,17 @@ class BlkfrontHandshakeTest : public ::testing::TestWithParam<uint32_t> {
 };
 
 TEST_P(BlkfrontHandshakeTest, ConnectsKicksAndCloses) {
-  const uint32_t wanted_order = GetParam();
+  const HandshakeParams params = GetParam();
   constexpr uint32_t kBackendMaxOrder = 2;
+  constexpr uint32_t kBackendMaxQueues = 4;
   FakeBackendReport report;
-  std::thread backend(RunFakeBackend, dom0_.get(), paths_, kBackendMaxOrder, &report);
+  std::thread backend(RunFakeBackend, dom0_.get(), paths_, kBackendMaxOrder, kBackendMaxQueues,
+                      &report);
 
   BlkfrontOptions options;
   options.devid = kDevid;
-  options.ring_page_order = wanted_order;
+  options.ring_page_order = params.wanted_order;
+  options.num_queues = params.wanted_queues;
   options.first_ring_frame = 8;
   options.first_ring_ref = 4;
   Blkfront front(guest_platform_.get(), guest_.get(), options);
@@ -191,29 +214,45 @@ TEST_P(BlkfrontHandshakeTest, ConnectsKicksAndCloses) {
   EXPECT_EQ(front.backend_info().physical_sector_size, 4096u);
   EXPECT_TRUE(front.backend_info().feature_persistent);
   EXPECT_TRUE(front.backend_info().feature_flush_cache);
-  const uint32_t order = std::min(wanted_order, kBackendMaxOrder);
+  const uint32_t order = std::min(params.wanted_order, kBackendMaxOrder);
+  const uint32_t queues = std::min(params.wanted_queues, kBackendMaxQueues);
   EXPECT_EQ(front.ring_page_order(), order);
-  EXPECT_EQ(front.ring_refs().size(), 1u << order);
+  ASSERT_EQ(front.queues().size(), queues);
+  std::vector<GrantRef> all_refs;
+  for (const BlkfrontQueue& queue : front.queues()) {
+    EXPECT_EQ(queue.ring_refs.size(), 1u << order);
+    all_refs.insert(all_refs.end(), queue.ring_refs.begin(), queue.ring_refs.end());
+  }
   EXPECT_EQ(dom0_->xenstore().Read(paths_.frontend + "/state", kNoTransaction).value_or(""), "4");
-  // While the backend maps the ring, the guest sees the grant in use.
-  EXPECT_EQ(guest_->EntryFlags(4) & (GTF_reading | GTF_writing), GTF_reading | GTF_writing);
+  // While the backend maps the rings, the guest sees every ring grant in use.
+  for (GrantRef ref : all_refs) {
+    EXPECT_EQ(guest_->EntryFlags(ref) & (GTF_reading | GTF_writing), GTF_reading | GTF_writing)
+        << ref;
+  }
 
-  ASSERT_TRUE(front.event_channel()->Notify().ok());
-  ASSERT_TRUE(WaitReadable(front.event_channel()->ReadinessFd()));
-  EXPECT_EQ(front.event_channel()->Ack().value_or(false), true);
+  for (const BlkfrontQueue& queue : front.queues()) {
+    ASSERT_TRUE(queue.event_channel->Notify().ok());
+    ASSERT_TRUE(WaitReadable(queue.event_channel->ReadinessFd()));
+    EXPECT_EQ(queue.event_channel->Ack().value_or(false), true);
+  }
 
   absl::Status closed = front.Disconnect();
   backend.join();
   ASSERT_TRUE(report.status.ok()) << report.status;
   ASSERT_TRUE(closed.ok()) << closed;
   EXPECT_EQ(report.protocol, "x86_64-abi");
-  EXPECT_EQ(report.ring_pages, 1u << order);
-  EXPECT_TRUE(report.ring_initialised);
-  EXPECT_EQ(guest_->EntryFlags(4), 0);  // revoked
+  EXPECT_EQ(report.queues, queues);
+  EXPECT_EQ(report.ring_pages_per_queue, 1u << order);
+  EXPECT_TRUE(report.rings_initialised);
+  for (GrantRef ref : all_refs) EXPECT_EQ(guest_->EntryFlags(ref), 0) << ref;  // revoked
   EXPECT_EQ(dom0_->xenstore().Read(paths_.frontend + "/state", kNoTransaction).value_or(""), "6");
 }
 
-INSTANTIATE_TEST_SUITE_P(RingPageOrders, BlkfrontHandshakeTest, ::testing::Values(0u, 1u, 3u));
+INSTANTIATE_TEST_SUITE_P(RingOrdersAndQueues, BlkfrontHandshakeTest,
+                         ::testing::Values(HandshakeParams{0, 1}, HandshakeParams{1, 1},
+                                           HandshakeParams{3, 1},  // order capped at 2
+                                           HandshakeParams{0, 4}, HandshakeParams{2, 4},
+                                           HandshakeParams{1, 8}));  // queues capped at 4
 
 TEST_F(BlkfrontHandshakeTest, GuestCannotWriteTheBackendDirectory) {
   auto status = guest_platform_->xenstore().Write(paths_.backend + "/state", "4", kNoTransaction);
