@@ -72,11 +72,9 @@ uint64_t LatencyBucketUpperBoundNs(int bucket) {
   return uint64_t{1000} << bucket;
 }
 
-static int LatencyBucket(uint64_t ns) {
-  for (int i = 0; i < kLatencyBuckets - 1; ++i) {
-    if (ns < LatencyBucketUpperBoundNs(i)) return i;
-  }
-  return kLatencyBuckets - 1;
+// ns in [1000 << (i - 1), 1000 << i) -> i, i.e. the bit width of ns / 1000.
+int LatencyBucketIndex(uint64_t ns) {
+  return std::min(kLatencyBuckets - 1, static_cast<int>(std::bit_width(ns / 1000)));
 }
 
 // Per-request state, pooled. It is the completion object for every backend operation the
@@ -737,7 +735,7 @@ void BlockDevice::Account(const Tracked* t, int result, int64_t now) {
   }
   // Like QEMU's default account_failed=on: failed requests count in time and latency too.
   c.total_time_ns.Add(latency);
-  c.histogram[LatencyBucket(latency)].Add(1);
+  c.histogram[LatencyBucketIndex(latency)].Add(1);
 }
 
 void BlockDevice::Finish(Tracked* t, int result) {

@@ -86,6 +86,7 @@ inline constexpr int kLatencyBuckets = 24;
 // Bucket i counts requests with latency < LatencyBucketUpperBoundNs(i) (and >= bound(i-1));
 // bounds double from 1 us; the last bucket is unbounded.
 uint64_t LatencyBucketUpperBoundNs(int bucket);
+int LatencyBucketIndex(uint64_t latency_ns);
 
 struct BlockOpStats {
   uint64_t bytes = 0;

@@ -502,6 +502,16 @@ TEST_F(BlockDeviceTest, ZeroLengthRequestsSucceed) {
   EXPECT_EQ(device_->Stats().in_flight, 0u);
 }
 
+TEST(LatencyHistogramTest, BucketsMatchTheirBounds) {
+  EXPECT_EQ(LatencyBucketIndex(0), 0);
+  for (int i = 0; i < kLatencyBuckets - 1; ++i) {
+    const uint64_t bound = LatencyBucketUpperBoundNs(i);
+    EXPECT_EQ(LatencyBucketIndex(bound - 1), i) << i;
+    EXPECT_EQ(LatencyBucketIndex(bound), i + 1) << i;
+  }
+  EXPECT_EQ(LatencyBucketIndex(UINT64_MAX), kLatencyBuckets - 1);
+}
+
 TEST(BlockDeviceCreateTest, RejectsBadLogicalBlockSize) {
   auto loop = MakeLoop();
   auto ram = std::make_unique<RamBackend>(loop.get(), RamBackend::Options{});
