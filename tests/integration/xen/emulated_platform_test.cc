@@ -6,6 +6,8 @@
 #include <signal.h>
 #include <spawn.h>
 #include <stdint.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <xen/grant_table.h>
@@ -18,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "common/unique_fd.h"
+#include "common/xen/emulated_protocol.h"
 #include "common/xen/host_platform.h"
 #include "common/xen/xen_platform.h"
 #include "gmock/gmock.h"
@@ -409,6 +413,74 @@ TEST_F(EmulatedPlatformTest, DomainLifecycleOverTheHypervisorSocket) {
   EXPECT_TRUE(absl::IsNotFound(DestroyGuestDomain(dir_.path(), 5)));
   // Memory a guest already mapped stays valid after its domain is gone.
   (*guest)->Page(0)[0] = std::byte{1};
+}
+
+// Raw requests on the hypervisor sockets: malformed datagrams and requests a domain may not make.
+class HypervisorSocketTest : public EmulatedPlatformTest {
+ protected:
+  common::UniqueFd Connect(const std::string& path) {
+    common::UniqueFd fd(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    EXPECT_EQ(connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    return fd;
+  }
+  // Sends raw bytes, returns the reply's error (or -1 if no well-formed reply came).
+  int Call(int fd, const void* data, size_t size) {
+    if (send(fd, data, size, MSG_NOSIGNAL) != static_cast<ssize_t>(size)) return -1;
+    if (!WaitReadable(fd)) return -1;
+    common::xen::emulated::HypervisorReply reply;
+    if (recv(fd, &reply, sizeof(reply), 0) != static_cast<ssize_t>(sizeof(reply))) return -1;
+    return reply.error;
+  }
+  int Call(int fd, common::xen::emulated::HypervisorOp op, uint32_t domid, uint32_t arg0 = 0,
+           uint32_t arg1 = 0) {
+    common::xen::emulated::HypervisorRequest request;
+    request.op = op;
+    request.domid = domid;
+    request.arg0 = arg0;
+    request.arg1 = arg1;
+    return Call(fd, &request, sizeof(request));
+  }
+};
+
+TEST_F(HypervisorSocketTest, MalformedRequestsGetEinvalAndTheHostSurvives) {
+  using common::xen::emulated::HypervisorOp;
+  common::UniqueFd fd = Connect(host_->HypervisorSocket(0));
+  char short_request[3] = {1, 2, 3};
+  EXPECT_EQ(Call(fd.get(), short_request, sizeof(short_request)), EINVAL);
+  common::xen::emulated::HypervisorRequest bad_magic;
+  bad_magic.magic = 0;
+  EXPECT_EQ(Call(fd.get(), &bad_magic, sizeof(bad_magic)), EINVAL);
+  EXPECT_EQ(Call(fd.get(), static_cast<HypervisorOp>(77), 1), EINVAL);
+  EXPECT_EQ(Call(fd.get(), HypervisorOp::kGetDomainMemory, 0x10000), EINVAL);
+  EXPECT_EQ(Call(fd.get(), HypervisorOp::kGetDomainMemory, 9), ESRCH);
+  EXPECT_EQ(Call(fd.get(), HypervisorOp::kCreateDomain, 0, 8, 8), EINVAL);         // dom0
+  EXPECT_EQ(Call(fd.get(), HypervisorOp::kCreateDomain, 9, 1u << 30, 8), EINVAL);  // too big
+  EXPECT_EQ(Call(fd.get(), HypervisorOp::kEvtchnClose, 0, 12345), EINVAL);
+  EXPECT_EQ(Call(fd.get(), HypervisorOp::kEvtchnBindInterdomain, 9, 1), ESRCH);
+  // Still serving.
+  EXPECT_EQ(Call(fd.get(), HypervisorOp::kGetDomainMemory, kGuest), 0);
+}
+
+TEST_F(HypervisorSocketTest, GuestsAreConfinedToThemselves) {
+  using common::xen::emulated::HypervisorOp;
+  common::UniqueFd fd = Connect(host_->HypervisorSocket(kGuest));
+  EXPECT_EQ(Call(fd.get(), HypervisorOp::kCreateDomain, 7, 8, 8), EPERM);
+  EXPECT_EQ(Call(fd.get(), HypervisorOp::kDestroyDomain, kGuest), EPERM);
+  EXPECT_EQ(Call(fd.get(), HypervisorOp::kGetDomainMemory, 0), EPERM);
+  // A port offered to dom0 cannot be bound by another guest.
+  auto offered = guest_platform_->AllocUnbound(0);
+  ASSERT_TRUE(offered.ok());
+  ASSERT_TRUE(host_->StopThread().ok());
+  ASSERT_TRUE(host_->CreateDomain(3, 8, 8).ok());
+  host_->StartThread();
+  auto intruder = CreateEmulatedXenPlatform(EmulatedXenOptions{dir_.path(), 3});
+  ASSERT_TRUE(intruder.ok()) << intruder.status();
+  EXPECT_EQ(StatusToErrno((*intruder)->BindInterdomain(kGuest, (*offered)->local_port()).status()),
+            EINVAL);
+  EXPECT_TRUE(dom0_->BindInterdomain(kGuest, (*offered)->local_port()).ok());
 }
 
 TEST(HostPlatformTest, FailsClearlyWithoutDevXen) {
