@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "grpc/health/v1/health.pb.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -103,6 +104,9 @@ absl::Status Controller::Start() {
 
   if (absl::Status s = PrepareSocketPath(options_.socket_path); !s.ok()) return s;
   grpc::EnableDefaultHealthCheckService(true);
+  // Links the health descriptor in (see proto/grpc/health/v1/health.proto) so that reflection
+  // can describe the health service gRPC serves.
+  grpc::health::v1::HealthCheckRequest::descriptor();
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   service_ = std::make_unique<DeviceService>(manager_.get());
   grpc::ServerBuilder builder;

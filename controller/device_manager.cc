@@ -277,11 +277,6 @@ absl::Status DeviceManager::Start() {
     return absl::FailedPreconditionError(
         absl::StrCat("cannot create ", options_.state_dir, "/workers: ", ec.message()));
   }
-  if (ControlSocketPath(std::string(kMaxDeviceIdLength, 'x')).size() >= 108) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--state-dir ", options_.state_dir,
-        " is too long: worker socket paths must fit in 107 bytes; use a shorter path"));
-  }
   absl::StatusOr<std::vector<v1::Device>> devices = registry_->LoadAll();
   if (!devices.ok()) return devices.status();
 

@@ -8,7 +8,6 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
-#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -18,6 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "common/unix_socket.h"
 
 extern char** environ;
 
@@ -33,20 +33,7 @@ absl::Status Errno(absl::string_view what) {
 }  // namespace
 
 absl::StatusOr<common::UniqueFd> ConnectControlSocket(const std::string& path) {
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  if (path.size() >= sizeof(addr.sun_path)) {
-    return absl::InvalidArgumentError(absl::StrCat("control socket path too long: ", path));
-  }
-  memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  common::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (!fd) return Errno("socket");
-  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    return absl::UnavailableError(absl::StrCat("connect ", path, ": ", strerror(errno)));
-  }
-  int flags = fcntl(fd.get(), F_GETFL);
-  fcntl(fd.get(), F_SETFL, flags | O_NONBLOCK);
-  return fd;
+  return common::ConnectUnix(path);
 }
 
 WorkerProcess::WorkerProcess(pid_t pid, common::UniqueFd pidfd, common::UniqueFd control,

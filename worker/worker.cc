@@ -5,13 +5,13 @@
 #include <signal.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "common/unix_socket.h"
 #include "worker/backend/uring_backend.h"
 
 namespace blockplane::worker {
@@ -47,23 +47,6 @@ CacheMode ToCacheMode(blockplane::v1::CacheMode mode) {
     default:
       return CacheMode::kNone;
   }
-}
-
-absl::StatusOr<common::UniqueFd> Listen(const std::string& path) {
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  if (path.size() >= sizeof(addr.sun_path)) {
-    return absl::InvalidArgumentError(absl::StrCat("control socket path too long: ", path));
-  }
-  memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  common::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (!fd) return absl::InternalError(absl::StrCat("socket: ", strerror(errno)));
-  ::unlink(path.c_str());  // a previous generation's socket
-  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      ::listen(fd.get(), 4) != 0) {
-    return absl::InternalError(absl::StrCat("listen on ", path, ": ", strerror(errno)));
-  }
-  return fd;
 }
 
 }  // namespace
@@ -122,7 +105,7 @@ absl::Status Worker::Init() {
     BP_LOG(Error) << open_error_.message();
   }
 
-  absl::StatusOr<common::UniqueFd> listener = Listen(config_.control_socket());
+  absl::StatusOr<common::UniqueFd> listener = common::ListenUnix(config_.control_socket(), 4);
   if (!listener.ok()) return listener.status();
   listen_fd_ = std::move(*listener);
   listen_watch_ = loop_->AddFd(listen_fd_.get(), POLLIN, [this](uint32_t) { OnAccept(); });

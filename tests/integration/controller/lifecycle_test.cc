@@ -390,3 +390,31 @@ TEST_F(LifecycleTest, BpctlDrivesTheWholeLifecycle) {
 
 }  // namespace
 }  // namespace blockplane::testing
+
+namespace blockplane::testing {
+namespace {
+
+// Worker control sockets live under the state dir; a deep state dir must not run into the
+// 107-byte limit of unix socket paths.
+TEST(LifecycleLongPathTest, DeepStateDirAndLongDeviceIdWork) {
+  std::string deep =
+      "/tmp/bpt-deep-" + std::to_string(getpid()) + "/" + std::string(60, 'd') + "/state";
+  ControllerProcess controller({"--state-dir=" + deep});
+  ASSERT_NO_FATAL_FAILURE(controller.Start());
+  std::string id(64, 'x');
+  std::string disk = controller.CreateDisk("d0.img", 16 * kMiB);
+  v1::Device device;
+  grpc::Status s = Attach(controller, id, XenSpec(disk), &device);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(device.status().state(), v1::DEVICE_STATE_WAITING_FOR_FRONTEND);
+  EXPECT_EQ(controller.Bpctl({"drain", id}).exit_code, 0);
+  controller.Stop(SIGKILL);
+  ASSERT_NO_FATAL_FAILURE(controller.Start());
+  EXPECT_EQ(Get(controller, id).status().worker_pid(), device.status().worker_pid());
+  EXPECT_EQ(controller.Bpctl({"detach", id}).exit_code, 0);
+  std::error_code ec;
+  std::filesystem::remove_all("/tmp/bpt-deep-" + std::to_string(getpid()), ec);
+}
+
+}  // namespace
+}  // namespace blockplane::testing
