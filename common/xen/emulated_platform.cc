@@ -123,6 +123,12 @@ struct DomainMemory {
   std::unique_ptr<SharedMap> grant_table;
   std::unique_ptr<SharedMap> active;
   std::unique_ptr<GrantAccess> access;
+
+  bool destroyed() const {
+    auto* status = reinterpret_cast<emulated::DomainStatus*>(
+        active->data() + emulated::ActiveTableStatusOffset(grant_entries));
+    return std::atomic_ref<uint32_t>(status->destroyed).load(std::memory_order_acquire) != 0;
+  }
 };
 
 struct MapAccounting {
@@ -271,7 +277,10 @@ class EmulatedGrantTable final : public GrantTable {
   absl::StatusOr<std::shared_ptr<DomainMemory>> GetDomain(DomainId domid) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = domains_.find(domid);
-    if (it != domains_.end()) return it->second;
+    if (it != domains_.end()) {
+      if (!it->second->destroyed()) return it->second;
+      domains_.erase(it);  // gone (perhaps replaced by a new domain with the same id): refetch
+    }
     HypervisorRequest request;
     request.op = HypervisorOp::kGetDomainMemory;
     request.domid = domid;
@@ -291,7 +300,7 @@ class EmulatedGrantTable final : public GrantTable {
     memory->memory_fd = std::move(result->fds[0]);
     size_t memory_bytes = size_t{memory->pages} * kXenPageSize;
     size_t table_bytes = size_t{memory->grant_entries} * sizeof(grant_entry_v1_t);
-    size_t active_bytes = size_t{memory->grant_entries} * sizeof(GrantActiveEntry);
+    size_t active_bytes = emulated::ActiveTableSize(memory->grant_entries);
     auto whole = SharedMap::Map(memory->memory_fd.get(), memory_bytes);
     auto table = SharedMap::Map(result->fds[1].get(), table_bytes);
     auto active = SharedMap::Map(result->fds[2].get(), active_bytes);

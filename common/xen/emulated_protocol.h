@@ -11,7 +11,8 @@
 // Domain memory, as handed out by kGetDomainMemory (fds in this order):
 //   0: guest memory, `pages` * 4096 bytes; frame numbers are page indexes into it.
 //   1: grant table, `grant_entries` grant_entry_v1_t (xen/grant_table.h), page-rounded.
-//   2: (dom0 only) the hypervisor's active-grant table: `grant_entries` GrantActiveEntry.
+//   2: (dom0 only) the hypervisor's active-grant table: `grant_entries` GrantActiveEntry, then at
+//      ActiveTableStatusOffset() a DomainStatus page.
 // A guest may only get its own memory (fds 0 and 1).
 
 #include <cstdint>
@@ -62,5 +63,19 @@ struct GrantActiveEntry {
   uint16_t write_pins;  // writable pins
 };
 static_assert(sizeof(GrantActiveEntry) == 8);
+
+// Written by the hypervisor when the domain is destroyed, so that backends holding its memory
+// drop their cached view (mappings already made stay valid, as on Xen) and a new domain that
+// reuses the id is not confused with the old one.
+struct DomainStatus {
+  uint32_t destroyed;
+};
+
+inline constexpr uint64_t ActiveTableStatusOffset(uint32_t grant_entries) {
+  return (uint64_t{grant_entries} * sizeof(GrantActiveEntry) + 4095) / 4096 * 4096;
+}
+inline constexpr uint64_t ActiveTableSize(uint32_t grant_entries) {
+  return ActiveTableStatusOffset(grant_entries) + 4096;
+}
 
 }  // namespace blockplane::common::xen::emulated

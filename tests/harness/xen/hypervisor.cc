@@ -115,8 +115,7 @@ int Hypervisor::CreateDomain(DomainId domid, uint32_t pages, uint32_t grant_entr
   domain.grant_entries = grant_entries;
   domain.memory = MakeMemfd("guest-memory", size_t{pages} * common::xen::kXenPageSize);
   domain.grant_table = MakeMemfd("grant-table", RoundUpToPage(size_t{grant_entries} * 8));
-  domain.active =
-      MakeMemfd("grant-active", RoundUpToPage(size_t{grant_entries} * sizeof(GrantActiveEntry)));
+  domain.active = MakeMemfd("grant-active", common::xen::emulated::ActiveTableSize(grant_entries));
   if (!domain.memory || !domain.grant_table || !domain.active) return ENOMEM;
   if (existing != domains_.end()) domain.ports = std::move(existing->second.ports);
   domains_[domid] = std::move(domain);
@@ -136,6 +135,13 @@ int Hypervisor::DestroyDomain(DomainId domid) {
   if (it->second.listener) {
     loop_->Remove(it->second.listener.get());
     ::unlink(SocketPath(domid).c_str());
+  }
+  common::xen::emulated::DomainStatus status{1};
+  if (::pwrite(it->second.active.get(), &status, sizeof(status),
+               static_cast<off_t>(common::xen::emulated::ActiveTableStatusOffset(
+                   it->second.grant_entries))) != sizeof(status)) {
+    BP_LOG(Warning) << "hypervisor: d" << domid
+                    << ": cannot mark destroyed: " << std::strerror(errno);
   }
   // Ports of other domains bound to this one become unbound, as when Xen closes the peer.
   for (auto& [other_id, other] : domains_) {

@@ -415,6 +415,30 @@ TEST_F(EmulatedPlatformTest, DomainLifecycleOverTheHypervisorSocket) {
   (*guest)->Page(0)[0] = std::byte{1};
 }
 
+TEST_F(EmulatedPlatformTest, DomainIdReuseDoesNotMapTheOldDomain) {
+  ASSERT_TRUE(CreateGuestDomain(dir_.path(), 6, 8, 8).ok());
+  {
+    auto old_guest = GuestDomain::Connect(dir_.path(), 6);
+    ASSERT_TRUE(old_guest.ok());
+    std::memcpy((*old_guest)->Page(2).data(), "old", 3);
+    ASSERT_TRUE((*old_guest)->GrantAccess(1, 0, 2, false).ok());
+    auto mapping = dom0_->grant_table().MapOne(6, 1, false);
+    ASSERT_TRUE(mapping.ok());
+    ASSERT_TRUE(DestroyGuestDomain(dir_.path(), 6).ok());
+    // A mapping made before the destruction stays readable, as on Xen until unmapped.
+    EXPECT_EQ(std::memcmp((*mapping)->data(), "old", 3), 0);
+  }
+  EXPECT_FALSE(dom0_->grant_table().MapOne(6, 1, false).ok());  // no such domain now
+  ASSERT_TRUE(CreateGuestDomain(dir_.path(), 6, 8, 8).ok());
+  auto new_guest = GuestDomain::Connect(dir_.path(), 6);
+  ASSERT_TRUE(new_guest.ok());
+  std::memcpy((*new_guest)->Page(3).data(), "new", 3);
+  ASSERT_TRUE((*new_guest)->GrantAccess(1, 0, 3, false).ok());
+  auto mapping = dom0_->grant_table().MapOne(6, 1, false);
+  ASSERT_TRUE(mapping.ok()) << mapping.status();
+  EXPECT_EQ(std::memcmp((*mapping)->data(), "new", 3), 0);
+}
+
 // Raw requests on the hypervisor sockets: malformed datagrams and requests a domain may not make.
 class HypervisorSocketTest : public EmulatedPlatformTest {
  protected:
