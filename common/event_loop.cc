@@ -123,6 +123,10 @@ absl::Status EventLoop::Init() {
     int r = io_uring_register_files_sparse(&ring_->ring, options_.registered_file_slots);
     if (r == 0) file_slots_used_.assign(options_.registered_file_slots, false);
   }
+  if (options_.registered_buffer_slots > 0) {
+    int r = io_uring_register_buffers_sparse(&ring_->ring, options_.registered_buffer_slots);
+    if (r == 0) buffer_slots_used_.assign(options_.registered_buffer_slots, false);
+  }
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return absl::InternalError(absl::StrCat("eventfd: ", strerror(errno)));
   wake_watch_ = AddFd(wake_fd_, POLLIN, [this](uint32_t) { OnWakeFd(); });
@@ -366,6 +370,32 @@ void EventLoop::UnregisterFile(int slot) {
   int fd = -1;
   io_uring_register_files_update(&ring_->ring, slot, &fd, 1);
   file_slots_used_[slot] = false;
+}
+
+absl::StatusOr<int> EventLoop::RegisterBuffer(iovec region) {
+  for (size_t slot = 0; slot < buffer_slots_used_.size(); ++slot) {
+    if (buffer_slots_used_[slot]) continue;
+    __u64 tag = 0;
+    int r = io_uring_register_buffers_update_tag(&ring_->ring, slot, &region, &tag, 1);
+    if (r < 0) {
+      return absl::InternalError(
+          absl::StrCat("io_uring_register_buffers_update_tag: ", strerror(-r)));
+    }
+    buffer_slots_used_[slot] = true;
+    return static_cast<int>(slot);
+  }
+  if (buffer_slots_used_.empty()) {
+    return absl::UnavailableError("registered buffers are not available on this ring");
+  }
+  return absl::ResourceExhaustedError("no free registered-buffer slot");
+}
+
+void EventLoop::UnregisterBuffer(int slot) {
+  if (slot < 0 || static_cast<size_t>(slot) >= buffer_slots_used_.size()) return;
+  iovec empty = {nullptr, 0};
+  __u64 tag = 0;
+  io_uring_register_buffers_update_tag(&ring_->ring, slot, &empty, &tag, 1);
+  buffer_slots_used_[slot] = false;
 }
 
 void EventLoop::RunOnce(bool block) {

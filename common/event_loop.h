@@ -16,6 +16,7 @@
 // worker/backend/uring_backend.cc include <liburing.h>); io_uring_sqe is only forward-declared.
 
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include <atomic>
 #include <chrono>
@@ -65,6 +66,8 @@ class EventLoop {
     uint32_t max_batches_per_pass = 8;
     // Slots in the sparse registered-file table (RegisterFile). 0 disables registered files.
     uint32_t registered_file_slots = 64;
+    // Slots in the sparse registered-buffer table (RegisterBuffer). 0 disables them.
+    uint32_t registered_buffer_slots = 64;
   };
 
   using FdWatch = uint64_t;  // 0 is never a valid handle
@@ -142,6 +145,11 @@ class EventLoop {
   // or an error when the table is full or the kernel refuses. UnregisterFile frees the slot.
   absl::StatusOr<int> RegisterFile(int fd);
   void UnregisterFile(int slot);
+  // Registers `region` (pinned by the kernel until unregistered; at most 1 GiB) in the ring's
+  // sparse buffer table for IORING_OP_READ_FIXED/WRITE_FIXED. Returns the buffer index. The memory
+  // must stay mapped until UnregisterBuffer(); I/O already submitted keeps its own reference.
+  absl::StatusOr<int> RegisterBuffer(iovec region);
+  void UnregisterBuffer(int slot);
 
   // The monotonic time read once at the start of the current pass (like libuv's uv_now), for
   // per-request accounting without a clock read per request (clock_gettime is slow on some VMs).
@@ -204,6 +212,7 @@ class EventLoop {
   std::vector<std::function<void()>> running_sqe_waiters_;
 
   std::vector<bool> file_slots_used_;
+  std::vector<bool> buffer_slots_used_;
   uint32_t pending_sqes_ = 0;
   int64_t last_work_ns_ = 0;
   int64_t now_ns_ = 0;

@@ -54,6 +54,7 @@ struct BackendCounters {
   uint64_t unsupported_ops = 0;         // EOPNOTSUPP results seen (counted, never retried)
   uint64_t resubmissions = 0;           // short transfers and EAGAIN resubmitted
   uint64_t queued_for_sqe = 0;          // operations that waited for SQ space
+  uint64_t fixed_buffer_ops = 0;        // reads/writes that used a registered buffer
 };
 
 class Backend {
@@ -83,6 +84,14 @@ class Backend {
                            BackendCompletion* done) = 0;
   // Grows the backing store to `new_capacity` bytes. Synchronous; loop thread.
   virtual absl::Status Grow(uint64_t new_capacity) = 0;
+
+  // Optional: long-lived memory (guest RAM regions, persistent grants) that I/O buffers will
+  // often lie in. A backend may pre-register it with the kernel (io_uring fixed buffers). The
+  // region must stay mapped until UnregisterMemory(). Unimplemented when not supported.
+  virtual absl::Status RegisterMemory(iovec region) {
+    return absl::UnimplementedError("backend does not register memory");
+  }
+  virtual void UnregisterMemory(iovec region) {}
 
   virtual BackendCounters Counters() const { return {}; }
 };

@@ -72,6 +72,8 @@ class FaultyBackend final : public Backend {
   void WriteZeroes(uint64_t offset, uint64_t length, uint32_t flags,
                    BackendCompletion* done) override;
   absl::Status Grow(uint64_t new_capacity) override { return inner_->Grow(new_capacity); }
+  absl::Status RegisterMemory(iovec region) override { return inner_->RegisterMemory(region); }
+  void UnregisterMemory(iovec region) override { inner_->UnregisterMemory(region); }
   BackendCounters Counters() const override { return inner_->Counters(); }
 
  private:

@@ -125,6 +125,7 @@ UringBackend::~UringBackend() {
     helper_cv_.notify_all();
     helper_.join();
   }
+  for (const Region& r : regions_) loop_->UnregisterBuffer(r.slot);
   if (file_slot_ >= 0) loop_->UnregisterFile(file_slot_);
   if (fd_ >= 0) close(fd_);
 }
@@ -224,7 +225,18 @@ void UringBackend::Submit(Op* op) {
         iovcnt = static_cast<int>(op->capped_iov.size());
       }
       const bool read = op->kind == Kind::kRead;
-      if (iovcnt == 1) {
+      const Region* region =
+          iovcnt == 1 && !regions_.empty() ? FindRegion(iov[0].iov_base, iov[0].iov_len) : nullptr;
+      if (region != nullptr) {
+        ++counters_.fixed_buffer_ops;
+        if (read) {
+          io_uring_prep_read_fixed(sqe, fd, iov[0].iov_base, iov[0].iov_len, op->offset,
+                                   region->slot);
+        } else {
+          io_uring_prep_write_fixed(sqe, fd, iov[0].iov_base, iov[0].iov_len, op->offset,
+                                    region->slot);
+        }
+      } else if (iovcnt == 1) {
         if (read) {
           io_uring_prep_read(sqe, fd, iov[0].iov_base, iov[0].iov_len, op->offset);
         } else {
@@ -385,6 +397,46 @@ void UringBackend::RunBlkDiscard(Op* op) {
     });
   }
   helper_cv_.notify_one();
+}
+
+absl::Status UringBackend::RegisterMemory(iovec region) {
+  const uintptr_t start = reinterpret_cast<uintptr_t>(region.iov_base);
+  const uintptr_t end = start + region.iov_len;
+  if (region.iov_len == 0) return absl::InvalidArgumentError("empty region");
+  for (const Region& r : regions_) {
+    if (start < r.end && r.start < end) {
+      return absl::AlreadyExistsError("region overlaps a registered region");
+    }
+  }
+  absl::StatusOr<int> slot = loop_->RegisterBuffer(region);
+  if (!slot.ok()) return slot.status();
+  Region added{start, end, *slot};
+  regions_.insert(
+      std::upper_bound(regions_.begin(), regions_.end(), added,
+                       [](const Region& a, const Region& b) { return a.start < b.start; }),
+      added);
+  return absl::OkStatus();
+}
+
+void UringBackend::UnregisterMemory(iovec region) {
+  const uintptr_t start = reinterpret_cast<uintptr_t>(region.iov_base);
+  for (auto it = regions_.begin(); it != regions_.end(); ++it) {
+    if (it->start == start && it->end == start + region.iov_len) {
+      loop_->UnregisterBuffer(it->slot);
+      regions_.erase(it);
+      return;
+    }
+  }
+}
+
+const UringBackend::Region* UringBackend::FindRegion(const void* base, size_t length) const {
+  const uintptr_t start = reinterpret_cast<uintptr_t>(base);
+  // The last region starting at or before `start`.
+  auto it = std::upper_bound(regions_.begin(), regions_.end(), start,
+                             [](uintptr_t value, const Region& r) { return value < r.start; });
+  if (it == regions_.begin()) return nullptr;
+  --it;
+  return start + length <= it->end ? &*it : nullptr;
 }
 
 absl::Status UringBackend::Grow(uint64_t new_capacity) {

@@ -72,6 +72,10 @@ class UringBackend final : public Backend {
   void WriteZeroes(uint64_t offset, uint64_t length, uint32_t flags,
                    BackendCompletion* done) override;
   absl::Status Grow(uint64_t new_capacity) override;
+  // Registers `region` as an io_uring fixed buffer; single-buffer reads and writes inside it then
+  // use IORING_OP_READ_FIXED / WRITE_FIXED (no per-I/O page pinning in the kernel).
+  absl::Status RegisterMemory(iovec region) override;
+  void UnregisterMemory(iovec region) override;
   BackendCounters Counters() const override { return counters_; }
 
   bool is_block_device() const { return is_block_device_; }
@@ -115,6 +119,14 @@ class UringBackend final : public Backend {
   bool write_zeroes_supported_ = true;
   BackendCounters counters_;
   ObjectPool<Op> ops_;
+  struct Region {
+    uintptr_t start;
+    uintptr_t end;
+    int slot;
+  };
+  // The registered region containing [base, base + length), or nullptr.
+  const Region* FindRegion(const void* base, size_t length) const;
+  std::vector<Region> regions_;  // sorted by start, non-overlapping
   std::deque<Op*> waiting_for_sqe_;
   bool sqe_waiter_armed_ = false;
 

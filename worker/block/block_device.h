@@ -160,6 +160,13 @@ class BlockDevice {
   // checking that no data lies beyond it). The frontend tells the guest.
   absl::Status Resize(uint64_t new_size);
 
+  // Optional, for frontends with long-lived guest memory (vhost-user memory regions, persistent
+  // grants): lets the backend pre-register it (io_uring fixed buffers), so aligned I/O into it
+  // skips per-request page pinning. Unimplemented for backends that cannot. Call
+  // UnregisterGuestMemory() before unmapping the region. Loop thread.
+  absl::Status RegisterGuestMemory(iovec region) { return backend_->RegisterMemory(region); }
+  void UnregisterGuestMemory(iovec region) { backend_->UnregisterMemory(region); }
+
   BlockDeviceInfo Info() const;
   uint64_t capacity() const { return capacity_; }
   // Thread-safe snapshot (each counter is read atomically; the set is not one transaction).

@@ -142,6 +142,42 @@ TEST(UringBackendTest, GrowExtendsFileAndRefusesShrink) {
   EXPECT_FALSE((*backend)->Grow(1 << 20).ok());
 }
 
+TEST(UringBackendTest, IoInsideRegisteredMemoryUsesFixedBuffers) {
+  auto loop = MakeLoop();
+  TempFile file(1 << 20);
+  auto backend = UringBackend::Open(loop.get(), file.path(), {.cache = CacheMode::kNone});
+  ASSERT_TRUE(backend.ok());
+  AlignedBuffer region(65536);
+  absl::Status registered = (*backend)->RegisterMemory(region.iov());
+  if (absl::IsUnavailable(registered)) GTEST_SKIP() << registered;
+  ASSERT_TRUE(registered.ok()) << registered;
+  EXPECT_EQ((*backend)->RegisterMemory({region.data() + 4096, 4096}).code(),
+            absl::StatusCode::kAlreadyExists);
+  for (size_t i = 0; i < 8192; ++i) region.data()[i] = static_cast<uint8_t>(i * 5 + 3);
+  iovec out = {region.data(), 8192};
+  Waiter w;
+  (*backend)->Write(8192, &out, 1, 0, &w);
+  ASSERT_EQ(RunToCompletion(loop.get(), &w), 0);
+  iovec in = {region.data() + 32768, 8192};
+  Waiter r;
+  (*backend)->Read(8192, &in, 1, &r);
+  ASSERT_EQ(RunToCompletion(loop.get(), &r), 0);
+  EXPECT_EQ(std::memcmp(region.data() + 32768, region.data(), 8192), 0);
+  EXPECT_EQ((*backend)->Counters().fixed_buffer_ops, 2u);
+  // A buffer outside the region, and I/O after unregistering, take the normal path.
+  AlignedBuffer other(4096);
+  iovec outside = other.iov();
+  Waiter o;
+  (*backend)->Read(0, &outside, 1, &o);
+  ASSERT_EQ(RunToCompletion(loop.get(), &o), 0);
+  (*backend)->UnregisterMemory(region.iov());
+  Waiter again;
+  (*backend)->Read(8192, &in, 1, &again);
+  ASSERT_EQ(RunToCompletion(loop.get(), &again), 0);
+  EXPECT_EQ(std::memcmp(region.data() + 32768, region.data(), 8192), 0);
+  EXPECT_EQ((*backend)->Counters().fixed_buffer_ops, 2u);
+}
+
 TEST(UringBackendTest, OpenMissingFileFails) {
   auto loop = MakeLoop();
   auto backend = UringBackend::Open(loop.get(), "/tmp/blockplane-does-not-exist", {});

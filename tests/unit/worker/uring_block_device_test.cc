@@ -86,6 +86,25 @@ TEST(OpenBlockDeviceTest, ReadOnlyOpensReadOnlyAndRefusesWrites) {
   EXPECT_EQ(Execute(loop.get(), device->get(), {.op = BlockOp::kRead, .iov = &v, .iovcnt = 1}), 0);
 }
 
+TEST(OpenBlockDeviceTest, GuestMemoryRegistrationReachesTheBackend) {
+  auto loop = MakeLoop();
+  TempFile file(1 << 20);
+  auto device = OpenBlockDevice(loop.get(), file.path(), {.cache = CacheMode::kNone});
+  ASSERT_TRUE(device.ok());
+  AlignedBuffer guest(1 << 20);  // stands in for a vhost-user memory region
+  absl::Status registered = (*device)->RegisterGuestMemory(guest.iov());
+  if (absl::IsUnavailable(registered)) GTEST_SKIP() << registered;
+  ASSERT_TRUE(registered.ok()) << registered;
+  std::memset(guest.data(), 0x77, 4096);
+  iovec v = {guest.data(), 4096};
+  ASSERT_EQ(Execute(loop.get(), device->get(),
+                    {.op = BlockOp::kWrite, .offset = 4096, .iov = &v, .iovcnt = 1}),
+            0);
+  EXPECT_EQ(ReadFile(file.path(), 4096, 4096), std::vector<uint8_t>(4096, 0x77));
+  EXPECT_EQ((*device)->backend()->Counters().fixed_buffer_ops, 1u);
+  (*device)->UnregisterGuestMemory(guest.iov());
+}
+
 TEST(OpenBlockDeviceTest, MissingFileIsNotFound) {
   auto loop = MakeLoop();
   auto device = OpenBlockDevice(loop.get(), "/tmp/blockplane-no-such-disk", {});
