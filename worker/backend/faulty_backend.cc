@@ -25,6 +25,7 @@ void FaultyBackend::Failure::OnCompletion(int32_t result, uint32_t) {
 void FaultyBackend::Handle(const Call& call) {
   ++stats_.ops_seen[std::countr_zero(static_cast<uint32_t>(call.op))];
   int error = 0;
+  bool torn = false;
   std::chrono::nanoseconds delay{0};
   for (RuleState& state : rules_) {
     const FaultRule& rule = state.rule;
@@ -43,10 +44,23 @@ void FaultyBackend::Handle(const Call& call) {
       ++state.failed;
       error = rule.error;
     }
+    if (rule.short_transfer && (call.op == FaultOp::kRead || call.op == FaultOp::kWrite) &&
+        call.length >= 2 * inner_->Limits().request_alignment) {
+      torn = true;
+    }
     if (rule.delay > delay) delay = rule.delay;
     if (error != 0) break;
   }
   if (error != 0) ++stats_.injected_failures;
+  if (torn) {
+    ++stats_.short_transfers;
+    if (delay.count() > 0) {
+      loop_->AddTimer(delay, [this, call, error] { StartTorn(call, error); });
+    } else {
+      StartTorn(call, error);
+    }
+    return;
+  }
   if (delay.count() > 0) {
     ++stats_.delayed;
     loop_->AddTimer(delay, [this, call, error] {
@@ -85,6 +99,57 @@ void FaultyBackend::Forward(const Call& call) {
       inner_->WriteZeroes(call.offset, call.length, call.flags, call.done);
       break;
   }
+}
+
+void FaultyBackend::StartTorn(const Call& call, int error_after_head) {
+  Torn* torn = torn_.Get(this);
+  torn->call = call;
+  torn->error_after_head = error_after_head;
+  torn->in_tail = false;
+  torn->head.clear();
+  torn->tail.clear();
+  const uint64_t align = inner_->Limits().request_alignment;
+  const uint64_t blocks = call.length / align;
+  torn->head_length = align * (1 + rng_() % (blocks - 1));
+  uint64_t left = torn->head_length;
+  for (int i = 0; i < call.iovcnt; ++i) {
+    const iovec& v = call.iov[i];
+    if (left >= v.iov_len) {
+      torn->head.push_back(v);
+      left -= v.iov_len;
+    } else if (left > 0) {
+      torn->head.push_back({v.iov_base, left});
+      torn->tail.push_back({static_cast<uint8_t*>(v.iov_base) + left, v.iov_len - left});
+      left = 0;
+    } else {
+      torn->tail.push_back(v);
+    }
+  }
+  Call head = call;
+  head.iov = torn->head.data();
+  head.iovcnt = static_cast<int>(torn->head.size());
+  head.length = torn->head_length;
+  head.done = torn;
+  Forward(head);
+}
+
+void FaultyBackend::OnTornPart(Torn* torn, int result) {
+  BackendCompletion* done = torn->call.done;
+  if (result < 0 || torn->in_tail || torn->error_after_head != 0) {
+    // Failure of either part, the tail's success, or the injected failure after the head.
+    const int final_result = result < 0 ? result : (torn->in_tail ? 0 : -torn->error_after_head);
+    torn_.Put(torn);
+    done->OnBackendComplete(final_result);
+    return;
+  }
+  torn->in_tail = true;
+  Call tail = torn->call;
+  tail.offset += torn->head_length;
+  tail.iov = torn->tail.data();
+  tail.iovcnt = static_cast<int>(torn->tail.size());
+  tail.length -= torn->head_length;
+  tail.done = torn;
+  Forward(tail);
 }
 
 static uint64_t IovLength(const iovec* iov, int iovcnt) {

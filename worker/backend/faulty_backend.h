@@ -6,6 +6,12 @@
 // `max_failures` times, each time with `probability` (seeded, reproducible), optionally after
 // `delay`. Operations that do not fail are forwarded to the inner backend (after the delay).
 // Injected failures complete on a later loop pass, never inside the submitting call.
+//
+// `short_transfer` models what a short read/write looks like from above (the backend contract is
+// all-or-error, backends resubmit short transfers themselves): the read or write runs as two inner
+// operations, a seeded random aligned prefix and then the rest, so concurrent requests can observe
+// the half-done transfer. With `error` set as well, the prefix lands and then the request fails
+// (a partial write followed by ENOSPC/EIO).
 
 #include <chrono>
 #include <cstdint>
@@ -40,6 +46,7 @@ struct FaultRule {
   int64_t max_failures = -1;        // -1 = unlimited
   double probability = 1.0;
   std::chrono::nanoseconds delay{0};
+  bool short_transfer = false;  // reads and writes only
 };
 
 class FaultyBackend final : public Backend {
@@ -48,6 +55,7 @@ class FaultyBackend final : public Backend {
     uint64_t ops_seen[5] = {};  // by FaultOp bit index
     uint64_t injected_failures = 0;
     uint64_t delayed = 0;
+    uint64_t short_transfers = 0;
   };
 
   // Does not own `inner`; `inner` and `loop` must outlive this object. Loop thread only.
@@ -98,14 +106,30 @@ class FaultyBackend final : public Backend {
     BackendCompletion* done = nullptr;
   };
 
+  // A read or write done in two parts (short_transfer).
+  struct Torn final : public BackendCompletion {
+    explicit Torn(FaultyBackend* owner) : owner(owner) {}
+    void OnBackendComplete(int result) override { owner->OnTornPart(this, result); }
+    FaultyBackend* owner;
+    Call call{};
+    std::vector<iovec> head;
+    std::vector<iovec> tail;
+    uint64_t head_length = 0;
+    int error_after_head = 0;
+    bool in_tail = false;
+  };
+
   void Handle(const Call& call);
   void Forward(const Call& call);
+  void StartTorn(const Call& call, int error_after_head);
+  void OnTornPart(Torn* torn, int result);
 
   common::EventLoop* loop_;
   Backend* inner_;
   std::mt19937_64 rng_;
   std::vector<RuleState> rules_;
   ObjectPool<Failure> failures_;
+  ObjectPool<Torn> torn_;
   Stats stats_;
 };
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "tests/unit/worker/test_util.h"
+#include "worker/backend/faulty_backend.h"
 #include "worker/backend/ram_backend.h"
 #include "worker/backend/uring_backend.h"
 #include "worker/block/block_device.h"
@@ -27,7 +28,13 @@ using testing::TempFile;
 constexpr uint64_t kCapacity = 256 * 1024;
 constexpr uint64_t kSector = 512;
 
-enum class BackendKind { kRamReordering, kRamNoWriteZeroes, kUringDirect4k, kUringWriteback };
+enum class BackendKind {
+  kRamReordering,
+  kRamNoWriteZeroes,
+  kUringDirect4k,
+  kUringWriteback,
+  kRamTorn,  // reordering RAM behind a FaultyBackend that tears 30% of reads and writes
+};
 
 struct ModelParam {
   BackendKind backend;
@@ -41,7 +48,8 @@ void PrintTo(const ModelParam& p, std::ostream* os) {
 }
 
 std::string ParamName(const ::testing::TestParamInfo<ModelParam>& info) {
-  const char* names[] = {"RamReordering", "RamNoWriteZeroes", "UringDirect4k", "UringWriteback"};
+  const char* names[] = {"RamReordering", "RamNoWriteZeroes", "UringDirect4k", "UringWriteback",
+                         "RamTorn"};
   return std::string(names[static_cast<int>(info.param.backend)]) + "_seed" +
          std::to_string(info.param.seed);
 }
@@ -65,7 +73,8 @@ class BlockDeviceModelTest : public ::testing::TestWithParam<ModelParam> {
     loop_ = MakeLoop();
     std::unique_ptr<Backend> backend;
     const ModelParam& p = GetParam();
-    if (p.backend == BackendKind::kRamReordering || p.backend == BackendKind::kRamNoWriteZeroes) {
+    if (p.backend == BackendKind::kRamReordering || p.backend == BackendKind::kRamNoWriteZeroes ||
+        p.backend == BackendKind::kRamTorn) {
       RamBackend::Options options;
       options.capacity = kCapacity;
       options.limits.request_alignment = 4096;
@@ -77,6 +86,15 @@ class BlockDeviceModelTest : public ::testing::TestWithParam<ModelParam> {
       options.supports_write_zeroes = p.backend != BackendKind::kRamNoWriteZeroes;
       options.reorder_seed = p.seed;
       backend = std::make_unique<RamBackend>(loop_.get(), options);
+      if (p.backend == BackendKind::kRamTorn) {
+        ram_ = std::move(backend);
+        auto faulty = std::make_unique<FaultyBackend>(loop_.get(), ram_.get(), p.seed);
+        faulty->AddRule({.ops = static_cast<uint32_t>(FaultOp::kRead) | FaultOp::kWrite,
+                         .error = 0,
+                         .probability = 0.3,
+                         .short_transfer = true});
+        backend = std::move(faulty);
+      }
     } else {
       file_ = std::make_unique<TempFile>(kCapacity);
       UringBackend::Options options;
@@ -184,6 +202,7 @@ class BlockDeviceModelTest : public ::testing::TestWithParam<ModelParam> {
   }
 
   std::unique_ptr<common::EventLoop> loop_;
+  std::unique_ptr<Backend> ram_;  // kRamTorn: the RAM backend behind the FaultyBackend
   std::unique_ptr<TempFile> file_;
   std::unique_ptr<BlockDevice> device_;
   std::vector<uint8_t> model_;
@@ -311,7 +330,8 @@ INSTANTIATE_TEST_SUITE_P(Seeds, BlockDeviceModelTest,
                                            ModelParam{BackendKind::kRamReordering, 3, 3000},
                                            ModelParam{BackendKind::kRamNoWriteZeroes, 4, 2000},
                                            ModelParam{BackendKind::kUringDirect4k, 5, 3000},
-                                           ModelParam{BackendKind::kUringWriteback, 6, 1500}),
+                                           ModelParam{BackendKind::kUringWriteback, 6, 1500},
+                                           ModelParam{BackendKind::kRamTorn, 7, 3000}),
                          ParamName);
 
 }  // namespace

@@ -409,6 +409,46 @@ TEST_F(BlockDeviceTest, StopPolicyParksFailedRequestsAndResumeRetriesInOrder) {
   EXPECT_FALSE(device_->ResumeAfterError().ok());
 }
 
+TEST_F(BlockDeviceTest, TornWriteThenEnospcUnderStopIsRetriedWhole) {
+  int stops = 0;
+  Make({.error_policy = ErrorPolicy::kStop, .on_error_stop = [&](int) { ++stops; }});
+  Fill(ram_->data().data(), kCapacity, 1);
+  std::vector<uint8_t> old(ram_->data().begin(), ram_->data().begin() + 65536);
+  // The first write lands partly (a random aligned prefix), then fails with ENOSPC.
+  faulty_->AddRule({.ops = static_cast<uint32_t>(FaultOp::kWrite),
+                    .error = ENOSPC,
+                    .max_failures = 1,
+                    .short_transfer = true});
+  AlignedBuffer buf(65536);
+  std::memset(buf.data(), 0xee, buf.size());
+  iovec v = buf.iov();
+  BlockResult r;
+  device_->Submit({.op = BlockOp::kWrite, .offset = 0, .iov = &v, .iovcnt = 1}, &r);
+  loop_->RunUntil([&] { return stops == 1 && device_->Stats().in_flight == 0; });
+  EXPECT_FALSE(r.done);
+  EXPECT_EQ(faulty_->stats().short_transfers, 1u);
+  // Torn: the first block is new, the last block is still old.
+  EXPECT_EQ(ram_->data()[0], 0xee);
+  EXPECT_EQ(ram_->data()[65535], old[65535]);
+  ASSERT_TRUE(device_->ResumeAfterError().ok());
+  loop_->RunUntil([&] { return r.done; });
+  EXPECT_EQ(r.result, 0);
+  for (int i = 0; i < 65536; ++i) ASSERT_EQ(ram_->data()[i], 0xee) << i;
+}
+
+TEST_F(BlockDeviceTest, TornReadsAndWritesStillComplete) {
+  Make();
+  faulty_->AddRule({.ops = static_cast<uint32_t>(FaultOp::kRead) | FaultOp::kWrite,
+                    .error = 0,
+                    .short_transfer = true});
+  AlignedBuffer out(32768), in(32768);
+  Fill(out.data(), out.size(), 42);
+  ASSERT_EQ(Write(4096, out.data(), out.size()), 0);
+  ASSERT_EQ(Read(4096, in.data(), in.size()), 0);
+  EXPECT_EQ(std::memcmp(in.data(), out.data(), out.size()), 0);
+  EXPECT_EQ(faulty_->stats().short_transfers, 2u);
+}
+
 TEST_F(BlockDeviceTest, DrainWaitsForInFlightQueuesNewAndResumesInOrder) {
   Make();
   faulty_->AddRule({.error = 0, .delay = std::chrono::milliseconds(2)});  // keep them in flight
