@@ -1,0 +1,1037 @@
+#include "worker/xen/blkif_backend.h"
+
+#include <errno.h>
+#include <poll.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <list>
+#include <span>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+
+namespace blockplane::worker::xen {
+namespace {
+
+using common::xen::GrantCopySegment;
+using common::xen::GrantMapping;
+using common::xen::GrantRef;
+using common::xen::kNoTransaction;
+using common::xen::TransactionId;
+using common::xen::XenStore;
+
+constexpr uint32_t kMaxQueuesLimit = 16;
+constexpr uint32_t kMaxRingPageOrderLimit = 4;  // XENBUS_MAX_RING_GRANT_ORDER
+
+// Reads a decimal key. NotFound gives `fallback` when there is one; anything that is not a number
+// is InvalidArgument (the frontend's directory is guest-writable).
+absl::StatusOr<uint64_t> ReadNumber(XenStore& store, const std::string& path,
+                                    std::optional<uint64_t> fallback) {
+  absl::StatusOr<std::string> text = store.Read(path, kNoTransaction);
+  if (!text.ok()) {
+    if (absl::IsNotFound(text.status()) && fallback) return *fallback;
+    return text.status();
+  }
+  uint64_t value = 0;
+  if (text->empty() || text->size() > 20 ||
+      !std::all_of(text->begin(), text->end(), [](char c) { return c >= '0' && c <= '9'; }) ||
+      !absl::SimpleAtoi(*text, &value)) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a number"));
+  }
+  return value;
+}
+
+}  // namespace
+
+const char* XenbusStateName(XenbusState state) {
+  switch (state) {
+    case XenbusState::kInitialising:
+      return "Initialising";
+    case XenbusState::kInitWait:
+      return "InitWait";
+    case XenbusState::kInitialised:
+      return "Initialised";
+    case XenbusState::kConnected:
+      return "Connected";
+    case XenbusState::kClosing:
+      return "Closing";
+    case XenbusState::kClosed:
+      return "Closed";
+    case XenbusState::kReconfiguring:
+      return "Reconfiguring";
+    case XenbusState::kReconfigured:
+      return "Reconfigured";
+    case XenbusState::kUnknown:
+    default:
+      return "Unknown";
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-queue state.
+
+// A batch of grants mapped together and kept as persistent grants: unmapped when the last of its
+// pages leaves the cache.
+struct BlkifBackend::GrantGroup {
+  std::unique_ptr<GrantMapping> mapping;
+};
+
+struct BlkifBackend::PersistentGrant {
+  GrantRef ref = 0;
+  std::byte* page = nullptr;
+  std::shared_ptr<GrantGroup> group;
+  uint32_t users = 0;  // in-flight requests using the page
+  std::list<GrantRef>::iterator lru;
+};
+
+// Runs PushResponses or ProcessQueue for one queue on a later pass (EventLoop::Defer).
+class BlkifBackend::QueueKick final : public common::CompletionHandler {
+ public:
+  QueueKick(BlkifBackend* backend, Queue* queue, bool push)
+      : backend_(backend), queue_(queue), push_(push) {}
+  void OnCompletion(int32_t, uint32_t) override;
+
+ private:
+  BlkifBackend* backend_;
+  Queue* queue_;
+  bool push_;
+};
+
+// One request being served: its grants, its iovecs and the block-layer steps left.
+struct BlkifBackend::Pending final : public BlockCompletion {
+  enum class Step : uint8_t { kFlush, kRead, kWrite, kWriteFua, kDiscard };
+
+  BlkifBackend* backend = nullptr;
+  Queue* queue = nullptr;
+  uint64_t id = 0;
+  uint8_t echo_operation = 0;
+  uint8_t data_operation = 0;
+  uint64_t sector = 0;
+  uint64_t discard_sectors = 0;
+  uint32_t nr_segments = 0;
+  uint64_t transfer_bytes = 0;
+  std::vector<BlkifSegment> segments;  // sized for the largest request
+  std::vector<iovec> iov;
+  std::vector<std::byte*> pages;  // guest page of each segment
+  std::vector<GrantRef> misses;
+  std::vector<PersistentGrant*> persistent_used;
+  std::unique_ptr<GrantMapping> mapping;  // per-request data mapping
+  std::vector<GrantCopySegment> copy_segments;
+  std::byte* bounce = nullptr;  // grant-copy mode
+  size_t bounce_size = 0;
+  std::array<Step, 2> steps{};
+  uint8_t step_count = 0;
+  uint8_t step_index = 0;
+
+  ~Pending() { std::free(bounce); }
+  void OnBlockComplete(int result) override { backend->OnStepDone(*this, result); }
+};
+
+struct BlkifBackend::Queue {
+  Queue(BlkifBackend* backend, uint32_t index)
+      : index(index), push_kick(backend, this, true), process_kick(backend, this, false) {}
+
+  uint32_t index;
+  std::optional<BlkifBackRing> ring;
+  std::unique_ptr<common::xen::EventChannel> channel;
+  common::EventLoop::FdWatch channel_watch = common::EventLoop::kInvalidFdWatch;
+  bool stopped = false;  // broken frontend: no more requests taken
+  uint32_t in_flight = 0;
+  std::optional<BlkifRequest> held_barrier;  // waits for in-flight requests to finish
+  QueueKick push_kick;
+  QueueKick process_kick;
+  bool push_scheduled = false;
+  bool process_scheduled = false;
+  std::vector<std::unique_ptr<Pending>> pool;
+  std::vector<Pending*> free;
+  std::unordered_map<GrantRef, PersistentGrant> persistent;
+  std::list<GrantRef> lru;  // front: most recently used
+};
+
+void BlkifBackend::QueueKick::OnCompletion(int32_t, uint32_t) {
+  if (push_) {
+    queue_->push_scheduled = false;
+    backend_->PushResponses(*queue_);
+  } else {
+    queue_->process_scheduled = false;
+    backend_->ProcessQueue(*queue_);
+  }
+  if (backend_->disconnecting_) backend_->MaybeFinishDisconnect();
+}
+
+// ---------------------------------------------------------------------------------------------
+
+BlkifBackend::BlkifBackend(common::EventLoop* loop, common::xen::XenPlatform* platform,
+                           BlockDevice* device, BlkifBackendOptions options, Callbacks callbacks)
+    : loop_(loop),
+      platform_(platform),
+      device_(device),
+      options_(std::move(options)),
+      callbacks_(std::move(callbacks)) {
+  watch_token_ = absl::StrCat("blkback-", options_.frontend_domid, "-", options_.devid);
+}
+
+BlkifBackend::~BlkifBackend() {
+  if (xenstore_watch_) loop_->RemoveFd(xenstore_watch_);
+  if (watching_) (void)platform_->xenstore().Unwatch(frontend_path_ + "/state", watch_token_);
+  // Normally empty (Detach ran). When the process exits without detaching, the mappings are
+  // released with it; I/O still owed a completion is not waited for.
+  for (auto& queue : queues_) {
+    if (queue->channel_watch) loop_->RemoveFd(queue->channel_watch);
+  }
+}
+
+DeviceGeometry BlkifBackend::Geometry() const {
+  BlockDeviceInfo info = device_->Info();
+  DeviceGeometry g;
+  g.sectors = info.capacity / kSectorSize;
+  g.read_only = info.read_only;
+  g.max_indirect_segments = max_indirect_segments_;
+  g.discard_enabled = info.discard;
+  g.flush_enabled = true;
+  g.barrier_enabled = true;
+  g.logical_block_size = info.logical_block_size;
+  return g;
+}
+
+absl::Status BlkifBackend::SwitchState(XenbusState state) {
+  if (state == backend_state_) return absl::OkStatus();
+  absl::Status status = platform_->xenstore().Write(
+      options_.backend_path + "/state", std::to_string(static_cast<int>(state)), kNoTransaction);
+  if (!status.ok()) {
+    BP_LOG(Error) << "blkback " << options_.backend_path << ": cannot switch to "
+                  << XenbusStateName(state) << ": " << status.message();
+    return status;
+  }
+  BP_LOG(Info) << "blkback " << options_.backend_path << ": " << XenbusStateName(backend_state_)
+               << " -> " << XenbusStateName(state);
+  const bool was_connected = backend_state_ == XenbusState::kConnected;
+  backend_state_ = state;
+  const bool connected = state == XenbusState::kConnected;
+  if (was_connected != connected && callbacks_.on_connection_changed) {
+    callbacks_.on_connection_changed(connected);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status BlkifBackend::PublishFeatures() {
+  const BlockDeviceInfo info = device_->Info();
+  max_indirect_segments_ = std::min(options_.max_indirect_segments, kMaxIndirectSegmentsProtocol);
+  const bool persistent = options_.grant_mode == GrantMode::kMap && options_.persistent_grants;
+  uint32_t vdisk_info = 0;
+  if (info.read_only) vdisk_info |= VDISK_READONLY;
+  if (options_.cdrom) vdisk_info |= VDISK_CDROM;
+  std::vector<std::pair<std::string, std::string>> keys = {
+      {"feature-flush-cache", "1"},
+      {"feature-barrier", "1"},
+      {"feature-discard", info.discard ? "1" : "0"},
+      {"feature-persistent", persistent ? "1" : "0"},
+      {"feature-max-indirect-segments", std::to_string(max_indirect_segments_)},
+      {"max-ring-page-order",
+       std::to_string(std::min(options_.max_ring_page_order, kMaxRingPageOrderLimit))},
+      {"multi-queue-max-queues",
+       std::to_string(std::clamp(options_.max_queues, 1u, kMaxQueuesLimit))},
+      {"sector-size", std::to_string(info.logical_block_size)},
+      {"physical-sector-size", std::to_string(info.physical_block_size)},
+      {"sectors", std::to_string(info.capacity / kSectorSize)},
+      {"info", std::to_string(vdisk_info)},
+  };
+  if (info.discard) {
+    const uint32_t granularity =
+        info.discard_granularity ? info.discard_granularity : info.logical_block_size;
+    keys.emplace_back("discard-granularity", std::to_string(granularity));
+    keys.emplace_back("discard-alignment", "0");
+    keys.emplace_back("discard-secure", "0");
+  }
+  XenStore& store = platform_->xenstore();
+  return store.RunTransaction([&](TransactionId tx) -> absl::Status {
+    for (const auto& [key, value] : keys) {
+      if (absl::Status s = store.Write(options_.backend_path + "/" + key, value, tx); !s.ok()) {
+        return s;
+      }
+    }
+    return absl::OkStatus();
+  });
+}
+
+absl::Status BlkifBackend::Start() {
+  XenStore& store = platform_->xenstore();
+  absl::StatusOr<std::string> frontend =
+      store.Read(options_.backend_path + "/frontend", kNoTransaction);
+  if (!frontend.ok()) {
+    return absl::Status(
+        frontend.status().code(),
+        absl::StrCat("reading ", options_.backend_path,
+                     "/frontend (written by the toolstack): ", frontend.status().message()));
+  }
+  frontend_path_ = *frontend;
+  if (absl::StatusOr<XenbusState> s = [&]() -> absl::StatusOr<XenbusState> {
+        auto v = ReadNumber(store, options_.backend_path + "/state", 0);
+        if (!v.ok()) return v.status();
+        return static_cast<XenbusState>(*v <= 8 ? *v : 0);
+      }();
+      s.ok()) {
+    backend_state_ = *s;
+  }
+  if (absl::Status s = PublishFeatures(); !s.ok()) return s;
+  if (absl::Status s = SwitchState(XenbusState::kInitWait); !s.ok()) return s;
+  if (absl::Status s = store.Watch(frontend_path_ + "/state", watch_token_); !s.ok()) return s;
+  watching_ = true;
+  xenstore_watch_ = loop_->AddFd(store.WatchFd(), POLLIN, [this](uint32_t) { OnXenstoreWatch(); });
+  return absl::OkStatus();
+}
+
+void BlkifBackend::OnXenstoreWatch() {
+  absl::StatusOr<std::vector<common::xen::XenStoreWatchEvent>> events =
+      platform_->xenstore().ReadWatchEvents();
+  if (!events.ok()) {
+    BP_LOG(Error) << "blkback " << options_.backend_path
+                  << ": reading xenstore watch events: " << events.status().message();
+    return;
+  }
+  if (events->empty() || detaching_) return;
+  OnFrontendStateChanged();
+}
+
+void BlkifBackend::OnFrontendStateChanged() {
+  if (detaching_ || disconnecting_) return;  // re-evaluated when the disconnect finishes
+  absl::StatusOr<uint64_t> value = ReadNumber(platform_->xenstore(), frontend_path_ + "/state", 0);
+  XenbusState fe = XenbusState::kUnknown;
+  if (value.ok() && *value <= 8) fe = static_cast<XenbusState>(*value);
+  if (fe == frontend_state_ && fe != XenbusState::kInitialised && fe != XenbusState::kConnected) {
+    return;
+  }
+  if (fe != frontend_state_) {
+    BP_LOG(Info) << "blkback " << options_.backend_path << ": frontend "
+                 << XenbusStateName(frontend_state_) << " -> " << XenbusStateName(fe);
+  }
+  frontend_state_ = fe;
+  auto reevaluate = [this] { OnFrontendStateChanged(); };
+  switch (fe) {
+    case XenbusState::kInitialising:
+    case XenbusState::kInitWait:
+      // A frontend that reconnects after Closed (blkback frontend_changed()).
+      if (backend_state_ == XenbusState::kClosed) (void)SwitchState(XenbusState::kInitWait);
+      return;
+    case XenbusState::kInitialised:
+    case XenbusState::kConnected:
+      if (backend_state_ != XenbusState::kInitWait && backend_state_ != XenbusState::kClosed) {
+        return;  // connected already, or closing
+      }
+      if (absl::Status s = ConnectRings(); !s.ok()) {
+        BP_LOG(Error) << "blkback " << options_.backend_path
+                      << ": cannot connect the frontend's rings: " << s.message();
+        ReleaseQueues();
+        (void)platform_->xenstore().Write(options_.backend_path + "/error",
+                                          std::string(s.message()), kNoTransaction);
+        (void)SwitchState(XenbusState::kClosing);
+        return;
+      }
+      if (absl::Status s = WriteConnectedInfo(); !s.ok()) {
+        BP_LOG(Error) << "blkback " << options_.backend_path << ": " << s.message();
+      }
+      (void)SwitchState(XenbusState::kConnected);
+      // Requests the frontend queued before we watched its event channel.
+      for (auto& queue : queues_) ProcessQueue(*queue);
+      return;
+    case XenbusState::kClosing:
+      if (backend_state_ == XenbusState::kClosing || backend_state_ == XenbusState::kClosed) return;
+      Disconnect([this, reevaluate] {
+        (void)SwitchState(XenbusState::kClosing);
+        frontend_state_ = XenbusState::kUnknown;  // force a fresh look
+        reevaluate();
+      });
+      return;
+    case XenbusState::kClosed:
+    case XenbusState::kUnknown:
+    default:
+      if (backend_state_ == XenbusState::kClosed) return;
+      Disconnect([this, reevaluate] {
+        (void)SwitchState(XenbusState::kClosed);
+        frontend_state_ = XenbusState::kUnknown;
+        reevaluate();
+      });
+      return;
+  }
+}
+
+absl::Status BlkifBackend::ConnectRings() {
+  XenStore& store = platform_->xenstore();
+  const std::string& fe = frontend_path_;
+  absl::StatusOr<std::string> protocol_name = store.Read(fe + "/protocol", kNoTransaction);
+  std::optional<Protocol> protocol = Protocol::kNative;
+  if (protocol_name.ok()) {
+    protocol = ParseProtocolName(*protocol_name);
+    if (!protocol) return absl::InvalidArgumentError("unsupported protocol " + *protocol_name);
+  } else if (!absl::IsNotFound(protocol_name.status())) {
+    return protocol_name.status();
+  }
+  absl::StatusOr<uint64_t> order = ReadNumber(store, fe + "/ring-page-order", 0);
+  if (!order.ok()) return order.status();
+  if (*order > std::min(options_.max_ring_page_order, kMaxRingPageOrderLimit)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ring-page-order ", *order, " above ", options_.max_ring_page_order));
+  }
+  absl::StatusOr<uint64_t> num_queues = ReadNumber(store, fe + "/multi-queue-num-queues", 1);
+  if (!num_queues.ok()) return num_queues.status();
+  if (*num_queues == 0 || *num_queues > std::clamp(options_.max_queues, 1u, kMaxQueuesLimit)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("multi-queue-num-queues ", *num_queues, " outside 1..", options_.max_queues));
+  }
+  bool persistent = false;
+  if (options_.grant_mode == GrantMode::kMap && options_.persistent_grants) {
+    absl::StatusOr<uint64_t> p = ReadNumber(store, fe + "/feature-persistent", 0);
+    if (!p.ok()) return p.status();
+    persistent = *p != 0;
+  }
+
+  const uint32_t pages = 1u << *order;
+  const uint32_t queues = static_cast<uint32_t>(*num_queues);
+  std::vector<GrantRef> refs;
+  std::vector<uint32_t> ports;
+  for (uint32_t q = 0; q < queues; ++q) {
+    const std::string dir = queues > 1 ? absl::StrCat(fe, "/queue-", q) : fe;
+    for (uint32_t i = 0; i < pages; ++i) {
+      absl::StatusOr<uint64_t> ref = ReadNumber(
+          store, *order == 0 ? dir + "/ring-ref" : absl::StrCat(dir, "/ring-ref", i), std::nullopt);
+      if (!ref.ok()) return ref.status();
+      if (*ref > UINT32_MAX) return absl::InvalidArgumentError("ring-ref out of range");
+      refs.push_back(static_cast<GrantRef>(*ref));
+    }
+    absl::StatusOr<uint64_t> port = ReadNumber(store, dir + "/event-channel", std::nullopt);
+    if (!port.ok()) return port.status();
+    if (*port > UINT32_MAX) return absl::InvalidArgumentError("event-channel out of range");
+    ports.push_back(static_cast<uint32_t>(*port));
+  }
+
+  // Every ring page of every queue in one batched map.
+  absl::StatusOr<std::unique_ptr<GrantMapping>> mapping =
+      platform_->grant_table().Map(options_.frontend_domid, refs, /*writable=*/true);
+  if (!mapping.ok()) {
+    grant_map_failures_.Add();
+    return mapping.status();
+  }
+  grant_maps_.Add(refs.size());
+  mapped_pages_ += refs.size();
+  std::shared_ptr<GrantMapping> rings(std::move(*mapping));
+  ring_mapping_ = rings;  // released by ReleaseQueues(), also when the rest fails
+
+  protocol_ = *protocol;
+  ring_page_order_ = static_cast<uint32_t>(*order);
+  use_persistent_ = persistent;
+  queues_.clear();
+  const uint32_t max_segments =
+      std::max<uint32_t>(BLKIF_MAX_SEGMENTS_PER_REQUEST, max_indirect_segments_);
+  for (uint32_t q = 0; q < queues; ++q) {
+    auto queue = std::make_unique<Queue>(this, q);
+    std::span<std::byte> bytes =
+        rings->bytes().subspan(size_t{q} * pages * kXenPageSize, size_t{pages} * kXenPageSize);
+    absl::StatusOr<BlkifBackRing> ring = BlkifBackRing::Attach(
+        protocol_, std::span<uint8_t>(reinterpret_cast<uint8_t*>(bytes.data()), bytes.size()));
+    if (!ring.ok()) return ring.status();
+    queue->ring.emplace(std::move(*ring));
+    absl::StatusOr<std::unique_ptr<common::xen::EventChannel>> channel =
+        platform_->BindInterdomain(options_.frontend_domid, ports[q]);
+    if (!channel.ok()) return channel.status();
+    queue->channel = std::move(*channel);
+    const uint32_t entries = queue->ring->size();
+    queue->pool.reserve(entries);
+    for (uint32_t i = 0; i < entries; ++i) {
+      auto pending = std::make_unique<Pending>();
+      pending->backend = this;
+      pending->queue = queue.get();
+      pending->segments.resize(max_segments);
+      pending->iov.reserve(max_segments);
+      pending->pages.resize(max_segments);
+      queue->free.push_back(pending.get());
+      queue->pool.push_back(std::move(pending));
+    }
+    Queue* raw = queue.get();
+    queue->channel_watch =
+        loop_->AddFd(queue->channel->ReadinessFd(), POLLIN, [this, raw](uint32_t) {
+          (void)raw->channel->Ack();
+          notifications_received_.Add();
+          ProcessQueue(*raw);
+        });
+    queues_.push_back(std::move(queue));
+  }
+  BP_LOG(Info) << "blkback " << options_.backend_path << ": " << queues << " queue(s), " << pages
+               << " ring page(s) each, protocol " << ProtocolName(protocol_)
+               << (use_persistent_ ? ", persistent grants" : "")
+               << (options_.grant_mode == GrantMode::kCopy ? ", grant copy" : "");
+  return absl::OkStatus();
+}
+
+absl::Status BlkifBackend::WriteConnectedInfo() {
+  const BlockDeviceInfo info = device_->Info();
+  uint32_t vdisk_info = 0;
+  if (info.read_only) vdisk_info |= VDISK_READONLY;
+  if (options_.cdrom) vdisk_info |= VDISK_CDROM;
+  XenStore& store = platform_->xenstore();
+  const std::string& be = options_.backend_path;
+  return store.RunTransaction([&](TransactionId tx) -> absl::Status {
+    for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
+             {"sectors", std::to_string(info.capacity / kSectorSize)},
+             {"info", std::to_string(vdisk_info)},
+             {"sector-size", std::to_string(info.logical_block_size)},
+             {"physical-sector-size", std::to_string(info.physical_block_size)}}) {
+      if (absl::Status s = store.Write(be + "/" + key, value, tx); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  });
+}
+
+absl::Status BlkifBackend::Resize() {
+  const uint64_t sectors = device_->capacity() / kSectorSize;
+  XenStore& store = platform_->xenstore();
+  const std::string& be = options_.backend_path;
+  // As xen_vbd_resize(): sectors and a rewrite of state in one transaction, so the frontend's
+  // state watch fires and it re-reads sectors.
+  absl::Status status = store.RunTransaction([&](TransactionId tx) -> absl::Status {
+    if (absl::Status s = store.Write(be + "/sectors", std::to_string(sectors), tx); !s.ok()) {
+      return s;
+    }
+    absl::StatusOr<std::string> state = store.Read(be + "/state", tx);
+    if (!state.ok()) return state.status();
+    return store.Write(be + "/state", *state, tx);
+  });
+  if (status.ok()) {
+    BP_LOG(Info) << "blkback " << be << ": resized to " << sectors << " sectors";
+  }
+  return status;
+}
+
+void BlkifBackend::Detach(std::function<void()> done) {
+  detaching_ = true;
+  (void)SwitchState(XenbusState::kClosing);
+  auto finish = [this, done = std::move(done)] {
+    (void)SwitchState(XenbusState::kClosed);
+    if (xenstore_watch_) loop_->RemoveFd(xenstore_watch_);
+    xenstore_watch_ = common::EventLoop::kInvalidFdWatch;
+    if (watching_) (void)platform_->xenstore().Unwatch(frontend_path_ + "/state", watch_token_);
+    watching_ = false;
+    done();
+  };
+  if (disconnecting_) {
+    // A frontend-initiated disconnect is under way: chain onto it.
+    auto previous = std::move(after_disconnect_);
+    after_disconnect_ = [previous = std::move(previous), finish = std::move(finish)] {
+      if (previous) previous();
+      finish();
+    };
+    return;
+  }
+  Disconnect(std::move(finish));
+}
+
+void BlkifBackend::Disconnect(std::function<void()> then) {
+  disconnecting_ = true;
+  after_disconnect_ = std::move(then);
+  for (auto& queue : queues_) {
+    if (queue->channel_watch) loop_->RemoveFd(queue->channel_watch);
+    queue->channel_watch = common::EventLoop::kInvalidFdWatch;
+    queue->held_barrier.reset();
+  }
+  MaybeFinishDisconnect();
+}
+
+void BlkifBackend::MaybeFinishDisconnect() {
+  if (!disconnecting_) return;
+  for (const auto& queue : queues_) {
+    if (queue->in_flight != 0 || queue->push_scheduled || queue->process_scheduled) return;
+  }
+  ReleaseQueues();
+  disconnecting_ = false;
+  std::function<void()> then = std::move(after_disconnect_);
+  after_disconnect_ = nullptr;
+  if (then) then();
+}
+
+void BlkifBackend::ReleaseQueues() {
+  for (auto& queue : queues_) {
+    if (queue->channel_watch) loop_->RemoveFd(queue->channel_watch);
+    queue->channel_watch = common::EventLoop::kInvalidFdWatch;
+    // Every persistent grant goes (blkback's free_persistent_gnts at disconnect).
+    while (!queue->lru.empty()) {
+      auto it = queue->persistent.find(queue->lru.back());
+      EvictPersistent(*queue, &it->second);
+    }
+    queue->channel.reset();
+    queue->ring.reset();
+  }
+  queues_.clear();
+  if (ring_mapping_) {
+    const size_t pages = ring_mapping_->refs().size();
+    (void)ring_mapping_->Unmap();
+    ring_mapping_.reset();
+    grant_unmaps_.Add(pages);
+    mapped_pages_ -= pages;
+  }
+  use_persistent_ = false;
+}
+
+BlkifFrontendInfo BlkifBackend::FrontendInfo() const {
+  BlkifFrontendInfo info;
+  info.backend_state = backend_state_;
+  info.frontend_state = frontend_state_;
+  info.num_queues = static_cast<uint32_t>(queues_.size());
+  if (!queues_.empty()) info.protocol = std::string(ProtocolName(protocol_));
+  info.persistent_grants = use_persistent_;
+  info.ring_page_order = ring_page_order_;
+  return info;
+}
+
+BlkifBackendStats BlkifBackend::Stats() const {
+  BlkifBackendStats s;
+  s.requests_taken = requests_taken_.Get();
+  s.responses = responses_.Get();
+  s.notifications_sent = notifications_sent_.Get();
+  s.notifications_received = notifications_received_.Get();
+  s.ring_full_stalls = ring_full_stalls_.Get();
+  s.broken_queues = broken_queues_.Get();
+  for (size_t i = 0; i < kInvalidReasonCount; ++i) s.invalid[i] = invalid_[i].Get();
+  s.io_errors = io_errors_.Get();
+  s.grant_maps = grant_maps_.Get();
+  s.grant_map_failures = grant_map_failures_.Get();
+  s.grant_unmaps = grant_unmaps_.Get();
+  s.grant_copies = grant_copies_.Get();
+  s.grant_copy_failures = grant_copy_failures_.Get();
+  s.persistent_hits = persistent_hits_.Get();
+  s.persistent_misses = persistent_misses_.Get();
+  s.persistent_evictions = persistent_evictions_.Get();
+  s.persistent_grants_mapped = persistent_mapped_.Get();
+  s.in_flight = in_flight_.Get();
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data path.
+
+void BlkifBackend::ProcessQueue(Queue& queue) {
+  if (!queue.ring || queue.stopped || disconnecting_ || detaching_ || queue.held_barrier) return;
+  uint32_t budget = options_.max_requests_per_pass;
+  while (budget > 0 && !queue.held_barrier) {
+    absl::StatusOr<uint32_t> available = queue.ring->PollRequests();
+    if (!available.ok()) {
+      StopQueue(queue, available.status());
+      return;
+    }
+    if (*available == 0) {
+      if (queue.ring->FinalCheckForRequests()) continue;
+      return;
+    }
+    if (queue.ring->outstanding() + *available >= queue.ring->size()) ring_full_stalls_.Add();
+    while (budget > 0 && !queue.held_barrier && !queue.stopped) {
+      std::optional<std::span<const uint8_t>> slot = queue.ring->NextRequestSlot();
+      if (!slot) break;
+      --budget;
+      TakeRequest(queue, *slot);
+    }
+    if (queue.stopped) return;
+  }
+  if (budget == 0 && !queue.process_scheduled) {
+    // More may be waiting: yield to the rest of the loop, continue on the next pass.
+    queue.process_scheduled = true;
+    loop_->Defer(&queue.process_kick, 0);
+  }
+}
+
+void BlkifBackend::StopQueue(Queue& queue, const absl::Status& why) {
+  BP_LOG(Error) << "blkback " << options_.backend_path << ": queue " << queue.index
+                << " stopped, the frontend broke the ring protocol: " << why.message();
+  broken_queues_.Add();
+  queue.stopped = true;
+  if (queue.channel_watch) loop_->RemoveFd(queue.channel_watch);
+  queue.channel_watch = common::EventLoop::kInvalidFdWatch;
+}
+
+void BlkifBackend::TakeRequest(Queue& queue, std::span<const uint8_t> slot) {
+  requests_taken_.Add();
+  Parsed<BlkifRequest> parsed = ParseRequest(protocol_, slot, Geometry());
+  if (!parsed.ok()) {
+    Refuse(queue, parsed.error());
+    return;
+  }
+  const BlkifRequest& request = parsed.value();
+  if (request.operation == BLKIF_OP_WRITE_BARRIER && queue.in_flight > 0) {
+    // blkback drains the ring's in-flight I/O before a barrier (xen_blk_drain_io).
+    queue.held_barrier = request;
+    return;
+  }
+  StartRequest(queue, request);
+}
+
+void BlkifBackend::Refuse(Queue& queue, const RequestError& error) {
+  invalid_[static_cast<size_t>(error.reason)].Add();
+  RespondLater(queue, error.id, error.operation, error.status);
+}
+
+absl::Status BlkifBackend::MapData(Pending& p, bool writable) {
+  p.misses.clear();
+  for (uint32_t i = 0; i < p.nr_segments; ++i) p.misses.push_back(p.segments[i].gref);
+  absl::StatusOr<std::unique_ptr<GrantMapping>> mapping =
+      platform_->grant_table().Map(options_.frontend_domid, p.misses, writable);
+  if (!mapping.ok()) {
+    grant_map_failures_.Add();
+    return mapping.status();
+  }
+  grant_maps_.Add(p.nr_segments);
+  mapped_pages_ += p.nr_segments;
+  p.mapping = std::move(*mapping);
+  for (uint32_t i = 0; i < p.nr_segments; ++i) p.pages[i] = p.mapping->page(i).data();
+  return absl::OkStatus();
+}
+
+absl::Status BlkifBackend::MapPersistent(Queue& queue, Pending& p) {
+  p.misses.clear();
+  for (uint32_t i = 0; i < p.nr_segments; ++i) {
+    const GrantRef ref = p.segments[i].gref;
+    auto it = queue.persistent.find(ref);
+    if (it != queue.persistent.end()) {
+      persistent_hits_.Add();
+      PersistentGrant& grant = it->second;
+      ++grant.users;
+      queue.lru.splice(queue.lru.begin(), queue.lru, grant.lru);
+      p.persistent_used.push_back(&grant);
+      p.pages[i] = grant.page;
+    } else {
+      persistent_misses_.Add();
+      p.pages[i] = nullptr;
+      if (std::find(p.misses.begin(), p.misses.end(), ref) == p.misses.end()) {
+        p.misses.push_back(ref);
+      }
+    }
+  }
+  if (p.misses.empty()) return absl::OkStatus();
+  // Persistent grants are mapped writable: a page granted for a write may serve a read later
+  // (Linux blkfront grants persistent pages read-write).
+  absl::StatusOr<std::unique_ptr<GrantMapping>> mapping =
+      platform_->grant_table().Map(options_.frontend_domid, p.misses, /*writable=*/true);
+  if (!mapping.ok()) {
+    grant_map_failures_.Add();
+    return mapping.status();
+  }
+  grant_maps_.Add(p.misses.size());
+  mapped_pages_ += p.misses.size();
+  // Make room by releasing unused least-recently-used grants; if the cache is still too full,
+  // these pages are used for this request only (blkback maps them non-persistently too).
+  const size_t cap = options_.max_persistent_grants;
+  auto victim = queue.lru.end();
+  while (queue.persistent.size() + p.misses.size() > cap && victim != queue.lru.begin()) {
+    --victim;
+    PersistentGrant& grant = queue.persistent.find(*victim)->second;
+    if (grant.users != 0) continue;
+    auto next = victim;
+    ++next;
+    EvictPersistent(queue, &grant);
+    victim = next;
+  }
+  const bool keep = queue.persistent.size() + p.misses.size() <= cap;
+  std::shared_ptr<GrantGroup> group;
+  if (keep) {
+    group = std::make_shared<GrantGroup>();
+    group->mapping = std::move(*mapping);
+  } else {
+    p.mapping = std::move(*mapping);
+  }
+  GrantMapping& pages = keep ? *group->mapping : *p.mapping;
+  for (size_t j = 0; j < p.misses.size(); ++j) {
+    std::byte* page = pages.page(j).data();
+    if (keep) {
+      PersistentGrant& grant = queue.persistent[p.misses[j]];
+      grant.ref = p.misses[j];
+      grant.page = page;
+      grant.group = group;
+      grant.users = 1;
+      queue.lru.push_front(grant.ref);
+      grant.lru = queue.lru.begin();
+      p.persistent_used.push_back(&grant);
+      persistent_mapped_.Add();
+    }
+    for (uint32_t i = 0; i < p.nr_segments; ++i) {
+      if (p.pages[i] == nullptr && p.segments[i].gref == p.misses[j]) p.pages[i] = page;
+    }
+  }
+  return absl::OkStatus();
+}
+
+void BlkifBackend::EvictPersistent(Queue& queue, PersistentGrant* grant) {
+  std::shared_ptr<GrantGroup> group = std::move(grant->group);
+  queue.lru.erase(grant->lru);
+  queue.persistent.erase(grant->ref);
+  persistent_evictions_.Add();
+  persistent_mapped_.Sub();
+  if (group.use_count() == 1) {
+    const size_t pages = group->mapping->refs().size();
+    (void)group->mapping->Unmap();
+    grant_unmaps_.Add(pages);
+    mapped_pages_ -= pages;
+  }
+}
+
+void BlkifBackend::BuildCopySegments(Pending& p) {
+  p.copy_segments.clear();
+  size_t offset = 0;
+  for (uint32_t i = 0; i < p.nr_segments; ++i) {
+    const BlkifSegment& seg = p.segments[i];
+    GrantCopySegment c;
+    c.direction = p.data_operation == BLKIF_OP_READ ? GrantCopySegment::Direction::kToGrant
+                                                    : GrantCopySegment::Direction::kFromGrant;
+    c.domid = options_.frontend_domid;
+    c.ref = seg.gref;
+    c.offset = static_cast<uint16_t>(seg.offset_bytes());
+    c.len = static_cast<uint16_t>(seg.length_bytes());
+    c.local = p.bounce + offset;
+    offset += seg.length_bytes();
+    p.copy_segments.push_back(c);
+  }
+}
+
+void BlkifBackend::StartRequest(Queue& queue, const BlkifRequest& request) {
+  if (queue.free.empty()) {  // cannot happen: one Pending per ring slot
+    RespondLater(queue, request.id, request.data_operation(), BLKIF_RSP_ERROR);
+    return;
+  }
+  Pending& p = *queue.free.back();
+  queue.free.pop_back();
+  p.id = request.id;
+  p.echo_operation = request.data_operation();
+  p.data_operation = request.data_operation();
+  p.sector = request.sector_number;
+  p.nr_segments = 0;
+  p.transfer_bytes = request.transfer_bytes;
+  p.step_index = 0;
+  p.step_count = 0;
+  p.iov.clear();
+  p.persistent_used.clear();
+
+  auto fail = [&](int16_t status) {
+    ReleaseGrants(p);
+    queue.free.push_back(&p);
+    RespondLater(queue, p.id, p.echo_operation, status);
+  };
+
+  switch (request.operation) {
+    case BLKIF_OP_DISCARD:
+      if (request.discard.secure) {
+        // discard-secure is not advertised: blkback answers EOPNOTSUPP.
+        invalid_[static_cast<size_t>(InvalidReason::kNotAdvertised)].Add();
+        return fail(BLKIF_RSP_EOPNOTSUPP);
+      }
+      p.sector = request.discard.sector;
+      p.discard_sectors = request.discard.nr_sectors;
+      p.steps[p.step_count++] = Pending::Step::kDiscard;
+      break;
+    case BLKIF_OP_FLUSH_DISKCACHE:
+      p.steps[p.step_count++] = Pending::Step::kFlush;
+      if (request.nr_segments > 0) p.steps[p.step_count++] = Pending::Step::kWrite;
+      p.data_operation = BLKIF_OP_WRITE;
+      break;
+    case BLKIF_OP_WRITE_BARRIER:
+      // PREFLUSH | FUA, as blkback.
+      p.steps[p.step_count++] = Pending::Step::kFlush;
+      p.steps[p.step_count++] = Pending::Step::kWriteFua;
+      p.data_operation = BLKIF_OP_WRITE;
+      break;
+    case BLKIF_OP_READ:
+      p.steps[p.step_count++] = Pending::Step::kRead;
+      break;
+    case BLKIF_OP_WRITE:
+      p.steps[p.step_count++] = Pending::Step::kWrite;
+      break;
+    case BLKIF_OP_INDIRECT:
+      p.steps[p.step_count++] =
+          request.indirect.op == BLKIF_OP_READ ? Pending::Step::kRead : Pending::Step::kWrite;
+      break;
+    default:
+      return fail(BLKIF_RSP_EOPNOTSUPP);
+  }
+
+  if (request.is_indirect()) {
+    // The descriptor pages: mapped read-only, copied out once by the parser, unmapped.
+    absl::StatusOr<std::unique_ptr<GrantMapping>> pages = platform_->grant_table().Map(
+        options_.frontend_domid,
+        std::span<const GrantRef>(request.indirect.grefs.data(), request.indirect.nr_pages),
+        /*writable=*/false);
+    if (!pages.ok()) {
+      grant_map_failures_.Add();
+      invalid_[static_cast<size_t>(InvalidReason::kBadIndirect)].Add();
+      return fail(BLKIF_RSP_ERROR);
+    }
+    grant_maps_.Add(request.indirect.nr_pages);
+    std::span<std::byte> bytes = (*pages)->bytes();
+    Parsed<IndirectSegments> segments = ParseIndirectSegments(
+        request,
+        std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()),
+        Geometry(), std::span<BlkifSegment>(p.segments));
+    (void)(*pages)->Unmap();
+    grant_unmaps_.Add(request.indirect.nr_pages);
+    if (!segments.ok()) {
+      invalid_[static_cast<size_t>(segments.error().reason)].Add();
+      return fail(segments.error().status);
+    }
+    p.nr_segments = segments.value().nr_segments;
+    p.transfer_bytes = segments.value().transfer_bytes;
+  } else {
+    p.nr_segments = request.nr_segments;
+    std::copy_n(request.segments.begin(), request.nr_segments, p.segments.begin());
+  }
+
+  if (p.nr_segments > 0) {
+    if (options_.grant_mode == GrantMode::kCopy) {
+      if (p.bounce_size < p.transfer_bytes) {
+        std::free(p.bounce);
+        p.bounce_size = (p.transfer_bytes + kXenPageSize - 1) / kXenPageSize * kXenPageSize;
+        p.bounce = static_cast<std::byte*>(std::aligned_alloc(kXenPageSize, p.bounce_size));
+        if (p.bounce == nullptr) {
+          p.bounce_size = 0;
+          return fail(BLKIF_RSP_ERROR);
+        }
+      }
+      BuildCopySegments(p);
+      if (p.data_operation != BLKIF_OP_READ) {
+        absl::Status copied = platform_->grant_table().Copy(p.copy_segments);
+        grant_copies_.Add(p.copy_segments.size());
+        bool ok = copied.ok();
+        for (const GrantCopySegment& c : p.copy_segments) ok &= c.status == 0;
+        if (!ok) {
+          grant_copy_failures_.Add();
+          return fail(BLKIF_RSP_ERROR);
+        }
+      }
+      p.iov.push_back(iovec{p.bounce, static_cast<size_t>(p.transfer_bytes)});
+    } else {
+      absl::Status mapped =
+          use_persistent_ ? MapPersistent(queue, p) : MapData(p, p.data_operation == BLKIF_OP_READ);
+      if (!mapped.ok()) {
+        BP_LOG(Warning) << "blkback " << options_.backend_path << ": request " << p.id
+                        << ": mapping its grants failed: " << mapped.message();
+        return fail(BLKIF_RSP_ERROR);
+      }
+      for (uint32_t i = 0; i < p.nr_segments; ++i) {
+        const BlkifSegment& seg = p.segments[i];
+        p.iov.push_back(iovec{p.pages[i] + seg.offset_bytes(), seg.length_bytes()});
+      }
+    }
+  }
+
+  ++queue.in_flight;
+  in_flight_.Add();
+  SubmitStep(p);
+}
+
+void BlkifBackend::SubmitStep(Pending& p) {
+  BlockRequest request;
+  switch (p.steps[p.step_index]) {
+    case Pending::Step::kFlush:
+      request.op = BlockOp::kFlush;
+      break;
+    case Pending::Step::kRead:
+      request.op = BlockOp::kRead;
+      break;
+    case Pending::Step::kWriteFua:
+      request.flags = kBlockFua;
+      [[fallthrough]];
+    case Pending::Step::kWrite:
+      request.op = BlockOp::kWrite;
+      break;
+    case Pending::Step::kDiscard:
+      request.op = BlockOp::kDiscard;
+      request.offset = p.sector * kSectorSize;
+      request.length = p.discard_sectors * kSectorSize;
+      break;
+  }
+  if (request.op == BlockOp::kRead || request.op == BlockOp::kWrite) {
+    request.offset = p.sector * kSectorSize;
+    request.iov = p.iov.data();
+    request.iovcnt = static_cast<int>(p.iov.size());
+  }
+  device_->Submit(request, &p);
+}
+
+void BlkifBackend::OnStepDone(Pending& p, int result) {
+  if (result < 0) {
+    if (result != -EOPNOTSUPP) io_errors_.Add();
+    Complete(p, result == -EOPNOTSUPP ? BLKIF_RSP_EOPNOTSUPP : BLKIF_RSP_ERROR);
+    return;
+  }
+  if (++p.step_index < p.step_count) {
+    SubmitStep(p);
+    return;
+  }
+  int16_t status = BLKIF_RSP_OKAY;
+  if (options_.grant_mode == GrantMode::kCopy && p.data_operation == BLKIF_OP_READ &&
+      p.nr_segments > 0) {
+    absl::Status copied = platform_->grant_table().Copy(p.copy_segments);
+    grant_copies_.Add(p.copy_segments.size());
+    bool ok = copied.ok();
+    for (const GrantCopySegment& c : p.copy_segments) ok &= c.status == 0;
+    if (!ok) {
+      grant_copy_failures_.Add();
+      status = BLKIF_RSP_ERROR;
+    }
+  }
+  Complete(p, status);
+}
+
+void BlkifBackend::ReleaseGrants(Pending& p) {
+  for (PersistentGrant* grant : p.persistent_used) --grant->users;
+  p.persistent_used.clear();
+  if (p.mapping) {
+    const size_t pages = p.mapping->refs().size();
+    (void)p.mapping->Unmap();
+    p.mapping.reset();
+    grant_unmaps_.Add(pages);
+    mapped_pages_ -= pages;
+  }
+}
+
+void BlkifBackend::Complete(Pending& p, int16_t status) {
+  Queue& queue = *p.queue;
+  // Unmap before answering: once the frontend sees the response it may reuse the pages.
+  ReleaseGrants(p);
+  --queue.in_flight;
+  in_flight_.Sub();
+  queue.free.push_back(&p);
+  RespondLater(queue, p.id, p.echo_operation, status);
+  if (queue.in_flight == 0 && queue.held_barrier && !disconnecting_) {
+    BlkifRequest barrier = *queue.held_barrier;
+    queue.held_barrier.reset();
+    StartRequest(queue, barrier);
+    if (!queue.process_scheduled) {
+      queue.process_scheduled = true;
+      loop_->Defer(&queue.process_kick, 0);
+    }
+  }
+  if (disconnecting_) MaybeFinishDisconnect();
+}
+
+void BlkifBackend::RespondLater(Queue& queue, uint64_t id, uint8_t operation, int16_t status) {
+  if (!queue.ring) return;
+  if (absl::Status s = queue.ring->WriteResponse(id, operation, status); !s.ok()) {
+    BP_LOG(Error) << "blkback " << options_.backend_path << ": queue " << queue.index << ": "
+                  << s.message();
+    return;
+  }
+  responses_.Add();
+  if (!queue.push_scheduled) {
+    queue.push_scheduled = true;
+    loop_->Defer(&queue.push_kick, 0);
+  }
+}
+
+void BlkifBackend::PushResponses(Queue& queue) {
+  if (!queue.ring) return;
+  if (queue.ring->PushResponsesAndCheckNotify() && queue.channel) {
+    if (absl::Status s = queue.channel->Notify(); s.ok()) {
+      notifications_sent_.Add();
+    } else {
+      BP_LOG(Warning) << "blkback " << options_.backend_path << ": notify failed: " << s.message();
+    }
+  }
+}
+
+}  // namespace blockplane::worker::xen

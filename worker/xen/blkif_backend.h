@@ -1,0 +1,242 @@
+#pragma once
+
+// BlkifBackend: the Xen PV block backend for one vbd, on the worker's EventLoop. It plays the part
+// of Linux xen-blkback (xenbus.c + blkback.c) and QEMU's xen-block dataplane:
+//
+//  - xenbus: publishes the backend's features and goes InitWait; watches the frontend's state; on
+//    Initialised (or Connected) reads ring-ref / ring-ref<i> + ring-page-order, event-channel,
+//    protocol, feature-persistent and multi-queue-num-queues with queue-<n>/, maps every queue's
+//    ring in one batched map, binds the event channels, writes the disk geometry and goes
+//    Connected. Frontend Closing -> the queues stop taking requests, in-flight ones complete,
+//    every grant is unmapped, backend Closing; frontend Closed -> backend Closed; frontend
+//    Initialising again (reconnect) -> InitWait. Detach(): Closing, wait for in-flight, unmap,
+//    Closed.
+//  - data path, per queue: a bounded batch of requests per pass, each copied out of the ring once
+//    and validated by the pure parser (blkif_request.h); an invalid request is answered (ERROR or
+//    EOPNOTSUPP) and counted by reason. Data grants are mapped in one batched map per request, or
+//    kept mapped in a per-queue persistent-grant cache (LRU, capped like blkback's
+//    max_persistent_grants), or copied with grant copy (GrantMode::kCopy, like QEMU). Requests go
+//    to BlockDevice; completions become responses; responses are pushed with notification
+//    suppression, at most one notify per queue per loop pass.
+//  - a frontend that moves req_prod more than a ring ahead breaks only its queue (logged); other
+//    queues and the worker keep going.
+//
+// Guest memory is hostile: the ring is read through BlkifBackRing (single fetch of req_prod,
+// overflow check) and requests are parsed from private copies; indirect descriptors are copied
+// once; every length comes from the validated copy.
+//
+// Threading: every method runs on the loop thread (Stats() on any thread). The backend must
+// outlive every BlockDevice completion it is owed: destroy it only after Detach() has called back
+// (or after the loop has stopped for good, when the process is exiting).
+
+#include <sys/uio.h>
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/event_loop.h"
+#include "common/xen/xen_platform.h"
+#include "worker/block/block_device.h"
+#include "worker/xen/blkif_request.h"
+#include "worker/xen/blkif_ring.h"
+
+namespace blockplane::worker::xen {
+
+// XenbusState (xen/io/xenbus.h).
+enum class XenbusState : int {
+  kUnknown = 0,
+  kInitialising = 1,
+  kInitWait = 2,
+  kInitialised = 3,
+  kConnected = 4,
+  kClosing = 5,
+  kClosed = 6,
+  kReconfiguring = 7,
+  kReconfigured = 8,
+};
+// "Unknown", "Initialising", "InitWait", ... (the names xenbus uses).
+const char* XenbusStateName(XenbusState state);
+
+enum class GrantMode {
+  kMap,   // map the data grants (persistent grants when the frontend offers them)
+  kCopy,  // grant copy into / out of private buffers (no persistent grants are advertised)
+};
+
+struct BlkifBackendOptions {
+  common::xen::DomainId frontend_domid = 0;
+  uint32_t devid = 0;
+  // The backend directory the toolstack created (/local/domain/<be>/backend/vbd/<fe>/<devid>).
+  // Its "frontend" key names the frontend directory.
+  std::string backend_path;
+  uint32_t max_queues = 4;           // multi-queue-max-queues (1..16)
+  uint32_t max_ring_page_order = 4;  // max-ring-page-order (0..4)
+  bool persistent_grants = true;     // feature-persistent (map mode only)
+  // feature-max-indirect-segments; 0 disables indirect requests. Clamped to the protocol limit.
+  uint32_t max_indirect_segments = 32;
+  // Persistent grants kept mapped per queue (blkback's max_persistent_grants default: 1056).
+  uint32_t max_persistent_grants = 1056;
+  GrantMode grant_mode = GrantMode::kMap;
+  // Requests taken from one queue per loop pass before yielding to the rest of the loop.
+  uint32_t max_requests_per_pass = 64;
+  bool cdrom = false;  // VDISK_CDROM in "info"
+};
+
+// Counters (single writer: the loop thread; any reader through Stats()).
+struct BlkifBackendStats {
+  uint64_t requests_taken = 0;
+  uint64_t responses = 0;
+  uint64_t notifications_sent = 0;
+  uint64_t notifications_received = 0;
+  uint64_t ring_full_stalls = 0;  // a poll found every request slot of the ring outstanding
+  uint64_t broken_queues = 0;     // queues stopped because the frontend broke the ring protocol
+  std::array<uint64_t, kInvalidReasonCount> invalid{};  // by InvalidReason
+  uint64_t io_errors = 0;                               // requests answered ERROR after I/O
+  uint64_t grant_maps = 0;                              // pages mapped
+  uint64_t grant_map_failures = 0;                      // map calls that failed
+  uint64_t grant_unmaps = 0;                            // pages unmapped
+  uint64_t grant_copies = 0;                            // grant copy segments
+  uint64_t grant_copy_failures = 0;
+  uint64_t persistent_hits = 0;
+  uint64_t persistent_misses = 0;
+  uint64_t persistent_evictions = 0;
+  uint64_t persistent_grants_mapped = 0;  // gauge: entries in all queues' caches
+  uint64_t in_flight = 0;                 // gauge
+};
+
+// What the frontend negotiated; for the controller's FrontendStatus.
+struct BlkifFrontendInfo {
+  XenbusState backend_state = XenbusState::kUnknown;
+  XenbusState frontend_state = XenbusState::kUnknown;
+  uint32_t num_queues = 0;
+  std::string protocol;
+  bool persistent_grants = false;
+  uint32_t ring_page_order = 0;
+};
+
+class BlkifBackend {
+ public:
+  struct Callbacks {
+    // The backend went Connected (true) or left it (false). Loop thread.
+    std::function<void(bool connected)> on_connection_changed;
+  };
+
+  // `platform` and `device` must outlive the backend. Nothing is written until Start().
+  BlkifBackend(common::EventLoop* loop, common::xen::XenPlatform* platform, BlockDevice* device,
+               BlkifBackendOptions options, Callbacks callbacks);
+  ~BlkifBackend();
+  BlkifBackend(const BlkifBackend&) = delete;
+  BlkifBackend& operator=(const BlkifBackend&) = delete;
+
+  // Reads the frontend path from the backend directory, publishes the features, goes InitWait and
+  // starts watching the frontend's state. Errors are xenstore errors (the directory is missing:
+  // the toolstack did not create it).
+  absl::Status Start();
+
+  // After BlockDevice::Resize(): writes "sectors" and rewrites "state" in one xenstore
+  // transaction (retried on EAGAIN), as blkback's xen_vbd_resize(), so the frontend re-reads it.
+  absl::Status Resize();
+
+  // Closing -> stop taking requests, wait for in-flight ones, unmap every ring and grant, close
+  // the event channels -> Closed; then `done` runs (on the loop thread). Further frontend state
+  // changes are ignored.
+  void Detach(std::function<void()> done);
+
+  BlkifFrontendInfo FrontendInfo() const;
+  BlkifBackendStats Stats() const;
+  XenbusState backend_state() const { return backend_state_; }
+  // Pages currently mapped by this backend (rings, persistent and per-request grants).
+  uint64_t mapped_pages() const { return mapped_pages_; }
+
+ private:
+  struct Queue;
+  struct Pending;
+  struct GrantGroup;
+  struct PersistentGrant;
+  class QueueKick;
+
+  struct Counter {
+    std::atomic<uint64_t> value{0};
+    void Add(uint64_t n = 1) {
+      value.store(value.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+    }
+    void Sub(uint64_t n = 1) {
+      value.store(value.load(std::memory_order_relaxed) - n, std::memory_order_relaxed);
+    }
+    uint64_t Get() const { return value.load(std::memory_order_relaxed); }
+  };
+
+  // xenbus
+  absl::Status PublishFeatures();
+  absl::Status SwitchState(XenbusState state);
+  void OnXenstoreWatch();
+  void OnFrontendStateChanged();
+  absl::Status ConnectRings();
+  absl::Status WriteConnectedInfo();
+  // Stops the queues; `then` runs once nothing is in flight and every grant is unmapped.
+  void Disconnect(std::function<void()> then);
+  void MaybeFinishDisconnect();
+  void ReleaseQueues();
+  DeviceGeometry Geometry() const;
+
+  // data path
+  void ProcessQueue(Queue& queue);
+  void StopQueue(Queue& queue, const absl::Status& why);
+  void TakeRequest(Queue& queue, std::span<const uint8_t> slot);
+  void Refuse(Queue& queue, const RequestError& error);
+  void StartRequest(Queue& queue, const BlkifRequest& request);
+  absl::Status MapData(Pending& pending, bool writable);
+  absl::Status MapPersistent(Queue& queue, Pending& pending);
+  void BuildCopySegments(Pending& pending);
+  void SubmitStep(Pending& pending);
+  void OnStepDone(Pending& pending, int result);
+  void Complete(Pending& pending, int16_t status);
+  void ReleaseGrants(Pending& pending);
+  void RespondLater(Queue& queue, uint64_t id, uint8_t operation, int16_t status);
+  void PushResponses(Queue& queue);
+  void EvictPersistent(Queue& queue, PersistentGrant* grant);
+  void UnmapGroup(GrantGroup* group);
+
+  common::EventLoop* loop_;
+  common::xen::XenPlatform* platform_;
+  BlockDevice* device_;
+  const BlkifBackendOptions options_;
+  Callbacks callbacks_;
+
+  std::string frontend_path_;
+  std::string watch_token_;
+  common::EventLoop::FdWatch xenstore_watch_ = common::EventLoop::kInvalidFdWatch;
+  bool watching_ = false;
+  XenbusState backend_state_ = XenbusState::kUnknown;
+  XenbusState frontend_state_ = XenbusState::kUnknown;
+  bool detaching_ = false;
+  bool disconnecting_ = false;
+  std::function<void()> after_disconnect_;
+
+  // Negotiated.
+  Protocol protocol_ = Protocol::kNative;
+  uint32_t ring_page_order_ = 0;
+  bool use_persistent_ = false;
+  uint32_t max_indirect_segments_ = 0;
+  std::vector<std::unique_ptr<Queue>> queues_;
+  std::shared_ptr<common::xen::GrantMapping> ring_mapping_;  // every queue's ring pages
+  uint64_t mapped_pages_ = 0;
+
+  // Stats.
+  Counter requests_taken_, responses_, notifications_sent_, notifications_received_;
+  Counter ring_full_stalls_, broken_queues_, io_errors_;
+  std::array<Counter, kInvalidReasonCount> invalid_;
+  Counter grant_maps_, grant_map_failures_, grant_unmaps_, grant_copies_, grant_copy_failures_;
+  Counter persistent_hits_, persistent_misses_, persistent_evictions_, persistent_mapped_;
+  Counter in_flight_;
+};
+
+}  // namespace blockplane::worker::xen
