@@ -59,6 +59,7 @@ Worker::~Worker() {
     if (listen_watch_) loop_->RemoveFd(listen_watch_);
     if (signal_watch_) loop_->RemoveFd(signal_watch_);
   }
+  blkif_.reset();
   device_.reset();
   if (listen_fd_) ::unlink(config_.control_socket().c_str());
 }
@@ -112,7 +113,103 @@ absl::Status Worker::Init() {
   BP_LOG(Info) << "serving device " << config_.device_id() << " generation " << config_.generation()
                << " size " << (device_ ? device_->capacity() : 0) << " control "
                << config_.control_socket();
+  if (device_ && ServesXen()) {
+    if (absl::Status xen = StartXen(); !xen.ok()) {
+      // Reported to the controller's Hello like a backing store that cannot be opened.
+      open_error_ = absl::FailedPreconditionError(xen.message());
+      state_ = internal::WORKER_STATE_FAILED;
+      exit_status_ = 1;
+      blkif_.reset();
+      BP_LOG(Error) << open_error_.message();
+    }
+  }
   return absl::OkStatus();
+}
+
+bool Worker::ServesXen() const {
+  return config_.spec().has_xen() && !config_.xen_platform().empty() &&
+         config_.xen_platform() != "none";
+}
+
+absl::Status Worker::StartXen() {
+  const std::string& kind = config_.xen_platform();
+  absl::StatusOr<std::unique_ptr<common::xen::XenPlatform>> platform =
+      absl::InvalidArgumentError(absl::StrCat("unknown Xen platform '", kind, "'"));
+  if (kind == "host") {
+    platform = common::xen::CreateHostXenPlatform();
+  } else if (kind == "emulated") {
+    common::xen::EmulatedXenOptions options;
+    options.run_dir = config_.xen_run_dir();
+    options.domid = 0;
+    // Rings, persistent grants of every queue and per-request mappings.
+    options.max_grants = 65536;
+    platform = common::xen::CreateEmulatedXenPlatform(options);
+  }
+  if (!platform.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("Xen platform ", kind, ": ", platform.status().message()));
+  }
+  xen_ = std::move(*platform);
+  const blockplane::v1::XenFrontend& x = config_.spec().xen();
+  xen::BlkifBackendOptions options;
+  options.frontend_domid = static_cast<common::xen::DomainId>(x.domid());
+  options.devid = config_.xen_devid();
+  options.backend_path = absl::StrCat("/local/domain/", xen_->domid(), "/backend/vbd/", x.domid(),
+                                      "/", config_.xen_devid());
+  options.max_queues = x.max_queues() == 0 ? 4 : x.max_queues();
+  options.max_ring_page_order = x.max_ring_page_order();
+  options.persistent_grants = !x.has_persistent_grants() || x.persistent_grants();
+  options.max_indirect_segments =
+      x.disable_indirect() ? 0 : (x.max_indirect_segments() == 0 ? 32 : x.max_indirect_segments());
+  options.grant_mode = config_.xen_grant_copy() ? xen::GrantMode::kCopy : xen::GrantMode::kMap;
+  xen::BlkifBackend::Callbacks callbacks;
+  callbacks.on_connection_changed = [this](bool connected) { OnFrontendConnection(connected); };
+  blkif_ = std::make_unique<xen::BlkifBackend>(loop_.get(), xen_.get(), device_.get(), options,
+                                               std::move(callbacks));
+  if (absl::Status started = blkif_->Start(); !started.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("blkif backend ", options.backend_path, ": ", started.message()));
+  }
+  return absl::OkStatus();
+}
+
+void Worker::OnFrontendConnection(bool connected) {
+  frontend_connected_ = connected;
+  if (state_ == internal::WORKER_STATE_WAITING_FOR_FRONTEND ||
+      state_ == internal::WORKER_STATE_CONNECTED) {
+    SetState(ServingState(), connected ? "frontend connected" : "frontend disconnected");
+  } else {
+    SendEvent(connected ? "frontend connected" : "frontend disconnected");
+  }
+}
+
+void Worker::DetachFrontend(std::function<void()> done) {
+  if (!blkif_) {
+    done();
+    return;
+  }
+  // Requests queued in a drained device must complete before their grants can be unmapped.
+  if (state_ == internal::WORKER_STATE_DRAINING || state_ == internal::WORKER_STATE_DRAINED ||
+      device_->Stats().quiesced) {
+    (void)device_->Resume();
+  }
+  auto finished = std::make_shared<bool>(false);
+  auto once = [finished, done](const char* how) {
+    if (*finished) return;
+    *finished = true;
+    BP_LOG(Info) << "frontend detached (" << how << ")";
+    done();
+  };
+  constexpr std::chrono::seconds kDetachTimeout{10};
+  loop_->AddTimer(kDetachTimeout, [once] { once("timed out waiting for in-flight I/O"); });
+  blkif_->Detach([this, once] {
+    xen::BlkifBackendStats stats = blkif_->Stats();
+    BP_LOG(Info) << "blkif: " << stats.requests_taken << " requests, " << stats.grant_maps
+                 << " pages mapped, " << stats.grant_unmaps << " unmapped, "
+                 << stats.persistent_hits << " persistent hits, " << blkif_->mapped_pages()
+                 << " still mapped";
+    once("Closed");
+  });
 }
 
 int Worker::Run() {
@@ -180,6 +277,15 @@ internal::WorkerStatus Worker::Status() const {
   }
   if (!open_error_.ok()) s.set_error(std::string(open_error_.message()));
   if (!error_stop_.empty()) s.set_error(error_stop_);
+  if (blkif_) {
+    xen::BlkifFrontendInfo info = blkif_->FrontendInfo();
+    blockplane::v1::FrontendStatus* f = s.mutable_frontend();
+    f->set_xen_backend_state(xen::XenbusStateName(info.backend_state));
+    f->set_xen_frontend_state(xen::XenbusStateName(info.frontend_state));
+    f->set_num_queues(info.num_queues);
+    f->set_protocol(info.protocol);
+    f->set_persistent_grants(info.persistent_grants);
+  }
   return s;
 }
 
@@ -207,8 +313,9 @@ blockplane::v1::DeviceStats Worker::Stats() const {
 }
 
 internal::WorkerState Worker::ServingState() const {
-  // Becomes CONNECTED once a frontend is attached (Xen / vhost-user frontends).
-  return internal::WORKER_STATE_WAITING_FOR_FRONTEND;
+  // CONNECTED while a frontend is attached (Xen; vhost-user later).
+  return frontend_connected_ ? internal::WORKER_STATE_CONNECTED
+                             : internal::WORKER_STATE_WAITING_FOR_FRONTEND;
 }
 
 void Worker::OnErrorStop(int error) {
@@ -253,9 +360,19 @@ void Worker::SetState(internal::WorkerState state, const std::string& reason) {
 }
 
 void Worker::BeginStop(uint64_t reply_id, bool force) {
+  if (state_ == internal::WORKER_STATE_STOPPING) return;  // a detach is already under way
+  const bool frontend = blkif_ != nullptr;
   SetState(internal::WORKER_STATE_STOPPING, force ? "stop (force)" : "stop");
-  if (reply_id != 0) Reply(reply_id, absl::OkStatus());
-  loop_->Stop();
+  if (!frontend) {
+    if (reply_id != 0) Reply(reply_id, absl::OkStatus());
+    loop_->Stop();
+    return;
+  }
+  // The frontend first: Closing, in-flight I/O completes, every grant unmapped, Closed.
+  DetachFrontend([this, reply_id] {
+    if (reply_id != 0) Reply(reply_id, absl::OkStatus());
+    loop_->Stop();
+  });
 }
 
 void Worker::HandleRequest(const internal::ControlRequest& request) {
@@ -303,6 +420,7 @@ void Worker::HandleRequest(const internal::ControlRequest& request) {
     }
     case internal::ControlRequest::kResize: {
       absl::Status resized = device_->Resize(request.resize().size_bytes());
+      if (resized.ok() && blkif_) resized = blkif_->Resize();
       Reply(id, resized);
       if (resized.ok()) SendEvent("resized");
       return;

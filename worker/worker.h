@@ -8,7 +8,9 @@
 #include "common/event_loop.h"
 #include "common/frame_channel.h"
 #include "common/unique_fd.h"
+#include "common/xen/xen_platform.h"
 #include "worker/block/block_device.h"
+#include "worker/xen/blkif_backend.h"
 
 namespace blockplane::worker {
 
@@ -48,6 +50,14 @@ class Worker {
   void OnErrorStop(int error);
   // The serving state once drains and error stops are over.
   internal::WorkerState ServingState() const;
+  // With spec.xen and a Xen platform in the config: opens the platform and starts the blkif
+  // backend (features, InitWait, frontend watch). FailedPrecondition names what is missing.
+  bool ServesXen() const;
+  absl::Status StartXen();
+  void OnFrontendConnection(bool connected);
+  // Detaches the frontend (Closing -> Closed, every grant unmapped) if there is one, then runs
+  // `done`. Bounded: gives up waiting for in-flight I/O after kDetachTimeout.
+  void DetachFrontend(std::function<void()> done);
 
   const internal::WorkerConfig config_;
   std::unique_ptr<common::EventLoop> loop_;
@@ -62,6 +72,10 @@ class Worker {
   common::FrameReader reader_;
 
   std::unique_ptr<BlockDevice> device_;
+  // Xen blkif frontend (spec.xen with a Xen platform configured); destroyed before the device.
+  std::unique_ptr<common::xen::XenPlatform> xen_;
+  std::unique_ptr<xen::BlkifBackend> blkif_;
+  bool frontend_connected_ = false;
   absl::Status open_error_;  // why the backing store could not be opened
   // Set while the device is paused by error policy `stop`; resume retries the failed requests.
   std::string error_stop_;
