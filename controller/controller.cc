@@ -92,6 +92,9 @@ absl::Status Controller::Start() {
   m.max_restarts = options_.max_restarts;
   m.restart_window = std::chrono::seconds(options_.restart_window_seconds);
   m.metrics_host = options_.metrics_host;
+  m.xen_platform = options_.xen_platform;
+  m.xen_run_dir = options_.xen_run_dir;
+  m.xen_grant_copy = options_.xen_grant_copy;
   if (access(m.spawn.worker_binary.c_str(), X_OK) != 0) {
     return absl::FailedPreconditionError(absl::StrCat("--worker-binary: ", m.spawn.worker_binary,
                                                       " is not executable: ", strerror(errno)));

@@ -105,7 +105,11 @@ void WatchSubscription::Close() {
 // --- DeviceManager: bookkeeping ------------------------------------------------------------------
 
 DeviceManager::DeviceManager(ManagerOptions options, Registry* registry)
-    : options_(std::move(options)), registry_(registry) {}
+    : options_(std::move(options)), registry_(registry) {
+  if (!options_.xen_platform.empty() && options_.xen_platform != "none") {
+    xen_toolstack_ = std::make_unique<XenToolstack>(options_.xen_platform, options_.xen_run_dir);
+  }
+}
 
 DeviceManager::~DeviceManager() { Shutdown(false, std::chrono::milliseconds(0)); }
 
@@ -119,6 +123,15 @@ internal::WorkerConfig DeviceManager::MakeConfig(const v1::Device& device) const
   config.set_generation(device.status().worker_generation());
   *config.mutable_spec() = device.spec();
   config.set_control_socket(ControlSocketPath(device.id()));
+  if (device.spec().has_xen() && xen_toolstack_) {
+    config.set_xen_platform(options_.xen_platform);
+    config.set_xen_run_dir(options_.xen_run_dir);
+    config.set_xen_grant_copy(options_.xen_grant_copy);
+    if (absl::StatusOr<uint32_t> devid = ParseXenVirtualDevice(device.spec().xen().virtual_device());
+        devid.ok()) {
+      config.set_xen_devid(*devid);
+    }
+  }
   if (!options_.metrics_host.empty()) config.set_metrics_listen(options_.metrics_host + ":0");
   return config;
 }
@@ -215,6 +228,14 @@ void DeviceManager::RemoveLocked(Entry& entry, const std::string& reason) {
     BP_LOG(Error) << "device " << id << ": cannot remove from the registry: " << s;
   }
   ::unlink(ControlSocketPath(id).c_str());
+  if (entry.device.spec().has_xen() && xen_toolstack_) {
+    // After the worker closed the backend (Closing -> Closed): the toolstack's last step.
+    if (absl::StatusOr<uint32_t> devid =
+            ParseXenVirtualDevice(entry.device.spec().xen().virtual_device());
+        devid.ok()) {
+      (void)xen_toolstack_->RemoveVbd(entry.device.spec(), *devid);
+    }
+  }
   BP_LOG(Info) << "device " << id << ": removed (" << reason << ")";
   v1::Device last = entry.device;
   if (entry.monitor.joinable()) finished_monitors_.push_back(std::move(entry.monitor));
@@ -600,6 +621,17 @@ absl::StatusOr<v1::Device> DeviceManager::Attach(const v1::AttachDeviceRequest& 
     config = MakeConfig(d);
     PublishLocked(v1::DeviceEvent::KIND_ATTACHED, d, v1::DEVICE_STATE_UNSPECIFIED);
     devices_[id] = std::move(entry);
+  }
+
+  // Like a toolstack: the vbd's backend and frontend directories exist before the backend runs.
+  if (spec.has_xen() && xen_toolstack_) {
+    if (absl::Status written = xen_toolstack_->AddVbd(spec, config.xen_devid()); !written.ok()) {
+      std::lock_guard lock(mu_);
+      if (Entry* entry = FindLocked(id)) {
+        RemoveLocked(*entry, absl::StrCat("attach failed: ", written.message()));
+      }
+      return written;
+    }
   }
 
   absl::StatusOr<std::unique_ptr<WorkerProcess>> worker =

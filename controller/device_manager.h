@@ -17,6 +17,7 @@
 #include "blockplane/v1/device.pb.h"
 #include "controller/registry.h"
 #include "controller/worker_process.h"
+#include "controller/xen_toolstack.h"
 
 namespace blockplane::controller {
 
@@ -33,6 +34,10 @@ struct ManagerOptions {
   std::chrono::milliseconds max_backoff{10000};
   // Host for worker /metrics endpoints ("" disables them); the kernel picks the port.
   std::string metrics_host;
+  // Xen toolstack role (see ControllerOptions): "none", "host" or "emulated".
+  std::string xen_platform = "none";
+  std::string xen_run_dir;
+  bool xen_grant_copy = false;
 };
 
 // A live feed of device events for WatchDevices. Bounded: a watcher that falls more than
@@ -136,6 +141,8 @@ class DeviceManager {
   bool SleepUntil(Entry* entry, Clock::time_point until);
 
   const ManagerOptions options_;
+  // The xenstore side of Xen attaches; null with xen_platform "none".
+  std::unique_ptr<XenToolstack> xen_toolstack_;
   Registry* const registry_;
 
   std::mutex mu_;

@@ -28,6 +28,13 @@ Flags:
   --restart-window=SECONDS  (default 60)
   --metrics-host=HOST       workers serve /metrics on HOST with a kernel-chosen port
                             (default: no worker metrics endpoint)
+  --xen-platform=KIND       none (default: no xenstore writes; Xen devices are served by the
+                            block layer only), host (a Xen dom0 or driver domain: libxenstore,
+                            gntdev, evtchn) or emulated (the test harness's bp-xenhost)
+  --xen-run-dir=DIR         with --xen-platform=emulated: bp-xenhost's --run-dir (its dom0
+                            xenstored socket is DIR/xenstored, XENSTORED_PATH for xenstore-*)
+  --xen-grant-copy          copy data pages with grant copy instead of mapping them (no
+                            persistent grants are offered then)
   --log-level=LEVEL         debug, info, warning or error (default info)
   --help                    this text
 )";
@@ -98,6 +105,19 @@ absl::StatusOr<ControllerOptions> ParseControllerFlags(int argc, char** argv) {
       s = number(&o.restart_window_seconds, 1);
     } else if (name == "--metrics-host") {
       if ((s = need()).ok()) o.metrics_host = value;
+    } else if (name == "--xen-platform") {
+      if ((s = need()).ok()) {
+        if (value != "none" && value != "host" && value != "emulated") {
+          s = absl::InvalidArgumentError(absl::StrCat(
+              "--xen-platform: unknown platform \"", value, "\"; use none, host or emulated"));
+        } else {
+          o.xen_platform = value;
+        }
+      }
+    } else if (name == "--xen-run-dir") {
+      if ((s = need()).ok()) o.xen_run_dir = value;
+    } else if (name == "--xen-grant-copy") {
+      o.xen_grant_copy = true;
     } else {
       s = absl::InvalidArgumentError(
           absl::StrCat("unknown flag \"", arg, "\"; see blockplaned --help"));
@@ -106,6 +126,10 @@ absl::StatusOr<ControllerOptions> ParseControllerFlags(int argc, char** argv) {
   }
   if (o.socket_path.empty() || o.socket_path[0] != '/') {
     return absl::InvalidArgumentError("--socket must be an absolute path");
+  }
+  if (o.xen_platform == "emulated" && (o.xen_run_dir.empty() || o.xen_run_dir[0] != '/')) {
+    return absl::InvalidArgumentError(
+        "--xen-platform=emulated needs --xen-run-dir=DIR, an absolute path");
   }
   if (o.state_dir.empty() || o.state_dir[0] != '/') {
     return absl::InvalidArgumentError("--state-dir must be an absolute path");

@@ -19,6 +19,11 @@ struct ControllerOptions {
   int max_restarts = 5;
   int restart_window_seconds = 60;
   std::string metrics_host;
+  // Xen toolstack role: "none" (no xenstore writes; Xen devices get only the block layer),
+  // "host" (libxen, dom0 / driver domain) or "emulated" (bp-xenhost under xen_run_dir).
+  std::string xen_platform = "none";
+  std::string xen_run_dir;
+  bool xen_grant_copy = false;
   bool help = false;
 };
 
