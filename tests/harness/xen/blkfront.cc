@@ -3,10 +3,13 @@
 #include <poll.h>
 #include <time.h>
 
+#include <algorithm>
+#include <atomic>
 #include <charconv>
 #include <cstring>
 
 #include "common/logging.h"
+#include "worker/xen/blkif_ring.h"
 
 // ring.h leaves the memory barriers to the includer.
 #ifndef xen_mb
@@ -189,6 +192,7 @@ Blkfront::~Blkfront() {
   for (const BlkfrontQueue& queue : queues_) {
     for (common::xen::GrantRef ref : queue.ring_refs) guest_->EndAccess(ref);
   }
+  for (common::xen::GrantRef ref : slot_refs_) guest_->EndAccess(ref);
 }
 
 absl::Status Blkfront::SwitchState(XenbusState state) {
@@ -215,10 +219,27 @@ absl::Status Blkfront::ReadBackendFeatures() {
   auto flush = ReadNumber<uint32_t>(store, be + "/feature-flush-cache", 0u);
   auto discard = ReadNumber<uint32_t>(store, be + "/feature-discard", 0u);
   auto max_queues = ReadNumber<uint32_t>(store, be + "/multi-queue-max-queues", 1u);
-  for (const absl::Status& status : {order.status(), persistent.status(), flush.status(),
-                                     discard.status(), max_queues.status()}) {
+  auto barrier = ReadNumber<uint32_t>(store, be + "/feature-barrier", 0u);
+  auto secure = ReadNumber<uint32_t>(store, be + "/discard-secure", 0u);
+  auto granularity = ReadNumber<uint32_t>(store, be + "/discard-granularity", 0u);
+  auto indirect = ReadNumber<uint32_t>(store, be + "/feature-max-indirect-segments", 0u);
+  for (const absl::Status& status :
+       {order.status(), persistent.status(), flush.status(), discard.status(), max_queues.status(),
+        barrier.status(), secure.status(), granularity.status(), indirect.status()}) {
     if (!status.ok()) return status;
   }
+  std::optional<worker::xen::Protocol> protocol = worker::xen::ParseProtocolName(options_.protocol);
+  if (!protocol) return absl::InvalidArgumentError("unknown protocol " + options_.protocol);
+  protocol_ = *protocol;
+  backend_info_.feature_barrier = *barrier != 0;
+  backend_info_.discard_secure = *secure != 0;
+  backend_info_.discard_granularity = *granularity;
+  backend_info_.max_indirect_segments = *indirect;
+  persistent_ = options_.persistent_grants && *persistent != 0;
+  indirect_segments_ = std::min(
+      {options_.max_indirect_segments, *indirect, worker::xen::kMaxIndirectSegmentsProtocol});
+  // Fewer than a direct request carries is no use (Linux blkfront ignores such values too).
+  if (indirect_segments_ <= BLKIF_MAX_SEGMENTS_PER_REQUEST) indirect_segments_ = 0;
   backend_info_.max_queues = std::max(*max_queues, 1u);
   backend_info_.max_ring_page_order = *order;
   backend_info_.feature_persistent = *persistent != 0;
@@ -259,7 +280,7 @@ absl::Status Blkfront::SetUpRings() {
     queue.event_channel = std::move(*channel);
     queues_.push_back(std::move(queue));
   }
-  return absl::OkStatus();
+  return SetUpSlots();
 }
 
 absl::Status Blkfront::PublishRing() {
@@ -365,13 +386,541 @@ absl::Status Blkfront::Disconnect() {
     queue.event_channel.reset();
     for (common::xen::GrantRef ref : queue.ring_refs) all_revoked &= guest_->EndAccess(ref);
   }
+  // Persistent grants, and any per-request grant the backend held on to.
+  for (common::xen::GrantRef ref : slot_refs_) all_revoked &= guest_->EndAccess(ref);
   if (!all_revoked) {
     // Linux leaks such pages rather than reuse them; report it so tests catch a backend that
     // keeps the ring mapped after Closed.
-    return absl::FailedPreconditionError("backend still maps the ring after Closed");
+    return absl::FailedPreconditionError("backend still maps a ring or data grant after Closed");
   }
   queues_.clear();
+  slot_refs_.clear();
   return absl::OkStatus();
+}
+
+const char* BlkfrontOpName(BlkfrontOp op) {
+  switch (op) {
+    case BlkfrontOp::kRead:
+      return "read";
+    case BlkfrontOp::kWrite:
+      return "write";
+    case BlkfrontOp::kFlush:
+      return "flush";
+    case BlkfrontOp::kBarrier:
+      return "barrier";
+    case BlkfrontOp::kDiscard:
+      return "discard";
+  }
+  return "unknown";
+}
+
+namespace {
+
+using worker::xen::LayoutOf;
+using worker::xen::Protocol;
+
+uint64_t NowNs() {
+  timespec now{};
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  return uint64_t(now.tv_sec) * 1000000000u + uint64_t(now.tv_nsec);
+}
+
+// Encodes `request` in one ABI's layouts into `entry` (the ring slot, entry_size bytes), with one
+// memcpy of the whole request, so the backend never sees a half-written field order issue.
+template <typename Rw, typename Discard, typename Indirect>
+void EncodeAs(const RawBlkifRequest& request, uint64_t id, std::byte* entry) {
+  switch (request.operation) {
+    case BLKIF_OP_DISCARD: {
+      Discard d{};
+      d.operation = request.operation;
+      d.flag = request.discard_flag;
+      d.handle = 0;
+      d.id = id;
+      d.sector_number = request.sector_number;
+      d.nr_sectors = request.discard_nr_sectors;
+      std::memcpy(entry, &d, sizeof(d));
+      break;
+    }
+    case BLKIF_OP_INDIRECT: {
+      Indirect d{};
+      d.operation = request.operation;
+      d.indirect_op = request.indirect_op;
+      d.nr_segments = request.indirect_nr_segments;
+      d.id = id;
+      d.sector_number = request.sector_number;
+      d.handle = 0;
+      std::copy(request.indirect_grefs.begin(), request.indirect_grefs.end(),
+                std::begin(d.indirect_grefs));
+      std::memcpy(entry, &d, sizeof(d));
+      break;
+    }
+    default: {
+      Rw d{};
+      d.operation = request.operation;
+      d.nr_segments = request.nr_segments;
+      d.handle = 0;
+      d.id = id;
+      d.sector_number = request.sector_number;
+      std::copy(request.seg.begin(), request.seg.end(), std::begin(d.seg));
+      std::memcpy(entry, &d, sizeof(d));
+      break;
+    }
+  }
+}
+
+template <typename Response>
+void DecodeResponse(const std::byte* entry, uint64_t* id, uint8_t* operation, int16_t* status) {
+  Response r;
+  std::memcpy(&r, entry, sizeof(r));  // copy out once: the backend is not trusted either
+  *id = r.id;
+  *operation = r.operation;
+  *status = r.status;
+}
+
+std::atomic_ref<uint32_t> SharedWord(std::byte* ring, size_t offset) {
+  return std::atomic_ref<uint32_t>(*reinterpret_cast<uint32_t*>(ring + offset));
+}
+
+constexpr size_t kReqProd = offsetof(blkif_sring, req_prod);
+constexpr size_t kReqEvent = offsetof(blkif_sring, req_event);
+constexpr size_t kRspProd = offsetof(blkif_sring, rsp_prod);
+constexpr size_t kRspEvent = offsetof(blkif_sring, rsp_event);
+
+}  // namespace
+
+absl::Status Blkfront::SetUpSlots() {
+  const uint32_t pages = 1u << ring_page_order_;
+  ring_size_ = worker::xen::RingEntries(protocol_, size_t{pages} * common::xen::kXenPageSize);
+  if (ring_size_ == 0) return absl::InternalError("ring holds no entry");
+  const uint64_t data_pages =
+      (uint64_t{std::max(options_.max_request_bytes, 1u)} + common::xen::kXenPageSize - 1) /
+      common::xen::kXenPageSize;
+  const uint64_t max_data_pages =
+      indirect_segments_ ? indirect_segments_ : BLKIF_MAX_SEGMENTS_PER_REQUEST;
+  if (data_pages > max_data_pages) {
+    return absl::InvalidArgumentError(
+        "max_request_bytes " + std::to_string(options_.max_request_bytes) + " needs " +
+        std::to_string(data_pages) + " segments; the negotiated maximum is " +
+        std::to_string(max_data_pages) +
+        " (indirect segments: " + std::to_string(indirect_segments_) + ")");
+  }
+  data_pages_per_slot_ = static_cast<uint32_t>(data_pages);
+  indirect_pages_per_slot_ =
+      indirect_segments_ == 0 ? 0
+                              : (data_pages_per_slot_ + worker::xen::kSegmentsPerIndirectPage - 1) /
+                                    worker::xen::kSegmentsPerIndirectPage;
+  const uint64_t per_slot = uint64_t{data_pages_per_slot_} + indirect_pages_per_slot_;
+  const uint64_t ring_pages = uint64_t{pages} * queues_.size();
+  first_data_frame_ = options_.first_data_frame.value_or(
+      static_cast<uint32_t>(options_.first_ring_frame + ring_pages));
+  first_data_ref_ = options_.first_data_ref.value_or(
+      static_cast<common::xen::GrantRef>(options_.first_ring_ref + ring_pages));
+  if (options_.slots_per_queue == 0) {
+    // As many as fit in what is left of guest memory and the grant table, up to the ring size.
+    const uint64_t frames_left =
+        guest_->pages() > first_data_frame_ ? guest_->pages() - first_data_frame_ : 0;
+    const uint64_t refs_left =
+        guest_->grant_entries() > first_data_ref_ ? guest_->grant_entries() - first_data_ref_ : 0;
+    const uint64_t fit = std::min(frames_left, refs_left) / (per_slot * queues_.size());
+    slots_per_queue_ = static_cast<uint32_t>(std::min<uint64_t>(fit, ring_size_));
+  } else {
+    slots_per_queue_ = std::min(options_.slots_per_queue, ring_size_);
+  }
+  const uint64_t total = per_slot * slots_per_queue_ * queues_.size();
+  if (first_data_frame_ + total > guest_->pages()) {
+    return absl::InvalidArgumentError(
+        "request slots need " + std::to_string(total) + " guest pages from frame " +
+        std::to_string(first_data_frame_) + "; the guest has " + std::to_string(guest_->pages()));
+  }
+  if (first_data_ref_ + total > guest_->grant_entries()) {
+    return absl::InvalidArgumentError("request slots need " + std::to_string(total) +
+                                      " grant refs from " + std::to_string(first_data_ref_) +
+                                      "; the table has " + std::to_string(guest_->grant_entries()));
+  }
+  slot_refs_.resize(total);
+  for (uint64_t i = 0; i < total; ++i) {
+    slot_refs_[i] = static_cast<common::xen::GrantRef>(first_data_ref_ + i);
+  }
+  for (BlkfrontQueue& queue : queues_) {
+    queue.slots.assign(slots_per_queue_, BlkfrontQueue::Slot{});
+    queue.free_slots.clear();
+    queue.free_slots.reserve(slots_per_queue_);
+    for (uint32_t s = slots_per_queue_; s-- > 0;) queue.free_slots.push_back(s);
+  }
+  if (persistent_) {
+    // The persistent pool: every slot page granted read-write once (blkfront grants persistent
+    // pages writable whatever the first use).
+    for (uint64_t i = 0; i < total; ++i) {
+      if (absl::Status status = guest_->GrantAccess(slot_refs_[i], backend_domid_,
+                                                    static_cast<uint32_t>(first_data_frame_ + i),
+                                                    /*readonly=*/false);
+          !status.ok()) {
+        return status;
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+uint32_t Blkfront::SlotFirstFrame(uint32_t queue, uint32_t slot) const {
+  const uint32_t per_slot = data_pages_per_slot_ + indirect_pages_per_slot_;
+  return first_data_frame_ + (queue * slots_per_queue_ + slot) * per_slot;
+}
+
+common::xen::GrantRef Blkfront::SlotFirstRef(uint32_t queue, uint32_t slot) const {
+  const uint32_t per_slot = data_pages_per_slot_ + indirect_pages_per_slot_;
+  return first_data_ref_ + (queue * slots_per_queue_ + slot) * per_slot;
+}
+
+uint32_t Blkfront::max_request_sectors() const {
+  return data_pages_per_slot_ * worker::xen::kSectorsPerPage;
+}
+
+SlotView Blkfront::Slot(uint32_t queue, uint32_t slot) const {
+  if (queue >= queues_.size() || slot >= slots_per_queue_) return {};
+  const uint32_t frame = SlotFirstFrame(queue, slot);
+  const size_t ref_index = SlotFirstRef(queue, slot) - first_data_ref_;
+  std::byte* base = guest_->Page(frame).data();
+  SlotView view;
+  view.data = {base, size_t{data_pages_per_slot_} * common::xen::kXenPageSize};
+  view.data_refs =
+      std::span<const common::xen::GrantRef>(slot_refs_).subspan(ref_index, data_pages_per_slot_);
+  view.indirect = {base + view.data.size(),
+                   size_t{indirect_pages_per_slot_} * common::xen::kXenPageSize};
+  view.indirect_refs = std::span<const common::xen::GrantRef>(slot_refs_)
+                           .subspan(ref_index + data_pages_per_slot_, indirect_pages_per_slot_);
+  return view;
+}
+
+std::optional<uint32_t> Blkfront::AcquireSlot(uint32_t queue) {
+  if (queue >= queues_.size()) return std::nullopt;
+  BlkfrontQueue& q = queues_[queue];
+  if (q.broken) return std::nullopt;
+  while (!q.free_slots.empty()) {
+    const uint32_t slot = q.free_slots.back();
+    q.free_slots.pop_back();
+    BlkfrontQueue::Slot& s = q.slots[slot];
+    if (s.revoke_pending) {
+      EndSlotGrants(queue, slot);
+      if (s.revoke_pending) {
+        // Still mapped by the backend: leave it out of the pool (Linux leaks such pages too).
+        continue;
+      }
+    }
+    s.acquired = true;
+    return slot;
+  }
+  return std::nullopt;
+}
+
+void Blkfront::ReleaseSlot(uint32_t queue, uint32_t slot) {
+  if (queue >= queues_.size() || slot >= slots_per_queue_) return;
+  BlkfrontQueue& q = queues_[queue];
+  BlkfrontQueue::Slot& s = q.slots[slot];
+  if (!s.acquired || s.in_flight) return;
+  s.acquired = false;
+  q.free_slots.push_back(slot);
+}
+
+std::byte* Blkfront::RingEntry(const BlkfrontQueue& queue, uint32_t index) const {
+  const size_t entry = LayoutOf(protocol_).entry_size;
+  return queue.ring + worker::xen::kSringHeaderSize + size_t{index & (ring_size_ - 1)} * entry;
+}
+
+absl::Status Blkfront::CheckSlotForEnqueue(uint32_t queue, uint32_t slot) const {
+  if (queue >= queues_.size() || slot >= slots_per_queue_) {
+    return absl::InvalidArgumentError("no such queue or slot");
+  }
+  const BlkfrontQueue& q = queues_[queue];
+  if (q.broken) return absl::FailedPreconditionError("queue is broken");
+  if (!q.slots[slot].acquired || q.slots[slot].in_flight) {
+    return absl::FailedPreconditionError("slot not acquired or already in flight");
+  }
+  // Free ring entries: produced minus consumed responses. Slots <= ring size keeps this true.
+  if (q.req_prod_pvt - q.rsp_cons >= ring_size_) {
+    return absl::ResourceExhaustedError("ring full");
+  }
+  return absl::OkStatus();
+}
+
+void Blkfront::EndSlotGrants(uint32_t queue, uint32_t slot) {
+  BlkfrontQueue::Slot& s = queues_[queue].slots[slot];
+  if (persistent_) {
+    s.revoke_pending = false;
+    return;
+  }
+  const SlotView view = Slot(queue, slot);
+  bool all = true;
+  for (uint32_t i = 0; i < s.granted_data; ++i) all &= guest_->EndAccess(view.data_refs[i]);
+  for (uint32_t i = 0; i < s.granted_indirect; ++i) {
+    all &= guest_->EndAccess(view.indirect_refs[i]);
+  }
+  s.revoke_pending = !all;
+  if (all) {
+    s.granted_data = 0;
+    s.granted_indirect = 0;
+  }
+}
+
+void Blkfront::Produce(uint32_t queue, uint32_t slot, const RawBlkifRequest& request,
+                       uint8_t echo) {
+  BlkfrontQueue& q = queues_[queue];
+  BlkfrontQueue::Slot& s = q.slots[slot];
+  const uint64_t id = (uint64_t{++q.serial} << 16) | slot;
+  std::byte* entry = RingEntry(q, q.req_prod_pvt);
+  switch (protocol_) {
+    case Protocol::kX86_32:
+      EncodeAs<worker::xen::blkif_x86_32_request, worker::xen::blkif_x86_32_request_discard,
+               worker::xen::blkif_x86_32_request_indirect>(request, id, entry);
+      break;
+    case Protocol::kX86_64:
+      EncodeAs<worker::xen::blkif_x86_64_request, worker::xen::blkif_x86_64_request_discard,
+               worker::xen::blkif_x86_64_request_indirect>(request, id, entry);
+      break;
+    case Protocol::kNative:
+    default:
+      EncodeAs<blkif_request, blkif_request_discard, blkif_request_indirect>(request, id, entry);
+      break;
+  }
+  ++q.req_prod_pvt;
+  ++q.in_flight;
+  ++counters_.requests;
+  if (request.operation == BLKIF_OP_INDIRECT) ++counters_.indirect_requests;
+  s.in_flight = true;
+  s.id = id;
+  s.operation = echo;
+  s.submit_ns = NowNs();
+}
+
+absl::Status Blkfront::Enqueue(uint32_t queue, uint32_t slot, const BlkfrontRequest& request) {
+  if (absl::Status status = CheckSlotForEnqueue(queue, slot); !status.ok()) return status;
+  RawBlkifRequest raw;
+  raw.sector_number = request.sector;
+  const SlotView view = Slot(queue, slot);
+  BlkfrontQueue::Slot& s = queues_[queue].slots[slot];
+  uint8_t data_op = 0;
+  switch (request.op) {
+    case BlkfrontOp::kFlush:
+      raw.operation = BLKIF_OP_FLUSH_DISKCACHE;
+      raw.nr_segments = 0;
+      Produce(queue, slot, raw, raw.operation);
+      return absl::OkStatus();
+    case BlkfrontOp::kDiscard:
+      if (request.nr_sectors == 0) return absl::InvalidArgumentError("discard of 0 sectors");
+      raw.operation = BLKIF_OP_DISCARD;
+      raw.discard_flag = request.secure ? BLKIF_DISCARD_SECURE : 0;
+      raw.discard_nr_sectors = request.nr_sectors;
+      Produce(queue, slot, raw, raw.operation);
+      return absl::OkStatus();
+    case BlkfrontOp::kRead:
+      data_op = BLKIF_OP_READ;
+      break;
+    case BlkfrontOp::kWrite:
+      data_op = BLKIF_OP_WRITE;
+      break;
+    case BlkfrontOp::kBarrier:
+      data_op = BLKIF_OP_WRITE_BARRIER;
+      break;
+  }
+  constexpr uint32_t kPerPage = worker::xen::kSectorsPerPage;
+  if (request.nr_sectors == 0) return absl::InvalidArgumentError("data request of 0 sectors");
+  if (request.buffer_sector_offset >= kPerPage) {
+    return absl::InvalidArgumentError("buffer_sector_offset must be 0..7");
+  }
+  const uint64_t end_sector = uint64_t{request.buffer_sector_offset} + request.nr_sectors;
+  const uint64_t segments = (end_sector + kPerPage - 1) / kPerPage;
+  if (segments > data_pages_per_slot_) {
+    return absl::InvalidArgumentError("request larger than the slot buffer");
+  }
+  const bool indirect = segments > BLKIF_MAX_SEGMENTS_PER_REQUEST;
+  if (indirect && (indirect_segments_ == 0 || data_op == BLKIF_OP_WRITE_BARRIER)) {
+    return absl::InvalidArgumentError("request needs indirect segments, which are not available");
+  }
+  // Grants: pages the disk reads from (writes) are read-only to the backend.
+  const bool readonly = data_op != BLKIF_OP_READ;
+  if (!persistent_) {
+    for (uint32_t i = 0; i < segments; ++i) {
+      if (absl::Status status = guest_->GrantAccess(view.data_refs[i], backend_domid_,
+                                                    SlotFirstFrame(queue, slot) + i, readonly);
+          !status.ok()) {
+        EndSlotGrants(queue, slot);
+        return status;
+      }
+      s.granted_data = i + 1;
+    }
+  }
+  auto segment_at = [&](uint32_t i) {
+    blkif_request_segment seg{};
+    seg.gref = view.data_refs[i];
+    seg.first_sect = static_cast<uint8_t>(i == 0 ? request.buffer_sector_offset : 0);
+    seg.last_sect =
+        static_cast<uint8_t>(i + 1 == segments ? (end_sector - 1) % kPerPage : kPerPage - 1);
+    return seg;
+  };
+  if (!indirect) {
+    raw.operation = data_op;
+    raw.nr_segments = static_cast<uint8_t>(segments);
+    for (uint32_t i = 0; i < segments; ++i) raw.seg[i] = segment_at(i);
+    Produce(queue, slot, raw, data_op);
+    return absl::OkStatus();
+  }
+  // Indirect: descriptors in the slot's indirect pages, which the backend only reads.
+  const uint32_t indirect_pages =
+      static_cast<uint32_t>((segments + worker::xen::kSegmentsPerIndirectPage - 1) /
+                            worker::xen::kSegmentsPerIndirectPage);
+  for (uint32_t i = 0; i < segments; ++i) {
+    blkif_request_segment seg = segment_at(i);
+    std::memcpy(view.indirect.data() + size_t{i} * sizeof(seg), &seg, sizeof(seg));
+  }
+  if (!persistent_) {
+    const uint32_t first_indirect_frame = SlotFirstFrame(queue, slot) + data_pages_per_slot_;
+    for (uint32_t i = 0; i < indirect_pages; ++i) {
+      if (absl::Status status = guest_->GrantAccess(view.indirect_refs[i], backend_domid_,
+                                                    first_indirect_frame + i, /*readonly=*/true);
+          !status.ok()) {
+        EndSlotGrants(queue, slot);
+        return status;
+      }
+      s.granted_indirect = i + 1;
+    }
+  }
+  raw.operation = BLKIF_OP_INDIRECT;
+  raw.indirect_op = data_op;
+  raw.indirect_nr_segments = static_cast<uint16_t>(segments);
+  for (uint32_t i = 0; i < indirect_pages; ++i) raw.indirect_grefs[i] = view.indirect_refs[i];
+  Produce(queue, slot, raw, data_op);
+  return absl::OkStatus();
+}
+
+absl::Status Blkfront::EnqueueRaw(uint32_t queue, uint32_t slot, const RawBlkifRequest& request) {
+  if (absl::Status status = CheckSlotForEnqueue(queue, slot); !status.ok()) return status;
+  if (!persistent_) {
+    BlkfrontQueue::Slot& s = queues_[queue].slots[slot];
+    const uint32_t first = SlotFirstFrame(queue, slot);
+    const SlotView view = Slot(queue, slot);
+    for (uint32_t i = 0; i < data_pages_per_slot_; ++i) {
+      if (absl::Status st = guest_->GrantAccess(view.data_refs[i], backend_domid_, first + i,
+                                                /*readonly=*/false);
+          !st.ok()) {
+        EndSlotGrants(queue, slot);
+        return st;
+      }
+      s.granted_data = i + 1;
+    }
+    for (uint32_t i = 0; i < indirect_pages_per_slot_; ++i) {
+      if (absl::Status st = guest_->GrantAccess(view.indirect_refs[i], backend_domid_,
+                                                first + data_pages_per_slot_ + i,
+                                                /*readonly=*/true);
+          !st.ok()) {
+        EndSlotGrants(queue, slot);
+        return st;
+      }
+      s.granted_indirect = i + 1;
+    }
+  }
+  const uint8_t echo =
+      request.operation == BLKIF_OP_INDIRECT ? request.indirect_op : request.operation;
+  Produce(queue, slot, request, echo);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> Blkfront::Push(uint32_t queue) {
+  if (queue >= queues_.size()) return absl::InvalidArgumentError("no such queue");
+  BlkfrontQueue& q = queues_[queue];
+  if (q.broken) return absl::FailedPreconditionError("queue is broken");
+  // RING_PUSH_REQUESTS_AND_CHECK_NOTIFY: publish (release: the entries before the index), full
+  // fence, then read req_event; kick if the backend asked for an index inside the pushed batch.
+  std::atomic_ref<uint32_t> req_prod = SharedWord(q.ring, kReqProd);
+  const uint32_t old_prod = req_prod.load(std::memory_order_relaxed);
+  const uint32_t new_prod = q.req_prod_pvt;
+  if (old_prod == new_prod) return false;
+  req_prod.store(new_prod, std::memory_order_release);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  const uint32_t req_event = SharedWord(q.ring, kReqEvent).load(std::memory_order_relaxed);
+  ++counters_.pushes;
+  const bool notify = uint32_t(new_prod - req_event) < uint32_t(new_prod - old_prod);
+  if (!notify) return false;
+  if (absl::Status status = q.event_channel->Notify(); !status.ok()) return status;
+  ++counters_.notifications_sent;
+  return true;
+}
+
+size_t Blkfront::Reap(uint32_t queue, std::span<BlkfrontCompletion> out) {
+  if (queue >= queues_.size() || out.empty()) return 0;
+  BlkfrontQueue& q = queues_[queue];
+  std::atomic_ref<uint32_t> rsp_prod = SharedWord(q.ring, kRspProd);
+  size_t done = 0;
+  while (true) {
+    const uint32_t prod = rsp_prod.load(std::memory_order_acquire);
+    // A backend that claims more responses than requests produced is broken; never read past
+    // what was produced.
+    const uint32_t available =
+        std::min(uint32_t(prod - q.rsp_cons), uint32_t(q.req_prod_pvt - q.rsp_cons));
+    for (uint32_t i = 0; i < available && done < out.size(); ++i) {
+      const std::byte* entry = RingEntry(q, q.rsp_cons);
+      ++q.rsp_cons;
+      uint64_t id = 0;
+      uint8_t operation = 0;
+      int16_t status = 0;
+      switch (protocol_) {
+        case Protocol::kX86_32:
+          DecodeResponse<worker::xen::blkif_x86_32_response>(entry, &id, &operation, &status);
+          break;
+        case Protocol::kX86_64:
+          DecodeResponse<worker::xen::blkif_x86_64_response>(entry, &id, &operation, &status);
+          break;
+        case Protocol::kNative:
+        default:
+          DecodeResponse<blkif_response>(entry, &id, &operation, &status);
+          break;
+      }
+      ++counters_.responses;
+      const uint32_t slot = static_cast<uint32_t>(id & 0xffff);
+      if (slot >= slots_per_queue_ || !q.slots[slot].in_flight || q.slots[slot].id != id) {
+        ++counters_.bogus_responses;
+        continue;
+      }
+      BlkfrontQueue::Slot& s = q.slots[slot];
+      s.in_flight = false;
+      --q.in_flight;
+      EndSlotGrants(queue, slot);
+      if (s.revoke_pending) ++counters_.grants_still_mapped;
+      out[done++] = BlkfrontCompletion{queue, slot, operation, status, NowNs() - s.submit_ns};
+    }
+    if (done == out.size()) return done;  // the caller comes back for the rest
+    // RING_FINAL_CHECK_FOR_RESPONSES: ask for a kick on the next response, then look again.
+    SharedWord(q.ring, kRspEvent).store(q.rsp_cons + 1, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (rsp_prod.load(std::memory_order_acquire) == q.rsp_cons) return done;
+    if (q.req_prod_pvt == q.rsp_cons) return done;  // nothing outstanding; ignore the excess
+  }
+}
+
+absl::StatusOr<bool> Blkfront::WaitForEvent(int timeout_ms) {
+  std::array<pollfd, 64> fds{};
+  const size_t n = std::min(queues_.size(), fds.size());
+  for (size_t i = 0; i < n; ++i) fds[i] = {queues_[i].event_channel->ReadinessFd(), POLLIN, 0};
+  int ready = poll(fds.data(), n, timeout_ms);
+  if (ready < 0) {
+    if (errno == EINTR) return false;
+    return absl::InternalError("poll on event channels failed");
+  }
+  if (ready == 0) return false;
+  for (size_t i = 0; i < n; ++i) {
+    if (fds[i].revents == 0) continue;
+    auto acked = queues_[i].event_channel->Ack();
+    if (!acked.ok()) return acked.status();
+    if (*acked) ++counters_.events_received;
+  }
+  return true;
+}
+
+absl::Status Blkfront::BreakRing(uint32_t queue, uint32_t ahead) {
+  if (queue >= queues_.size()) return absl::InvalidArgumentError("no such queue");
+  BlkfrontQueue& q = queues_[queue];
+  q.broken = true;
+  SharedWord(q.ring, kReqProd).store(q.req_prod_pvt + ahead, std::memory_order_release);
+  return q.event_channel->Notify();
 }
 
 }  // namespace blockplane::harness
