@@ -187,7 +187,12 @@ absl::Status Registry::Put(const v1::Device& device, v1::DeviceState previous_st
         !s.ok())
       return rollback(s);
   }
-  return Exec("COMMIT");
+  if (absl::Status s = Exec("COMMIT"); !s.ok()) {
+    // A failed COMMIT (disk full, I/O error) leaves the transaction open: end it.
+    Exec("ROLLBACK").IgnoreError();
+    return s;
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Registry::Delete(const std::string& device_id, v1::DeviceState previous_state,
@@ -210,7 +215,12 @@ absl::Status Registry::Delete(const std::string& device_id, v1::DeviceState prev
     Exec("ROLLBACK").IgnoreError();
     return s;
   }
-  return Exec("COMMIT");
+  if (absl::Status s = Exec("COMMIT"); !s.ok()) {
+    // A failed COMMIT (disk full, I/O error) leaves the transaction open: end it.
+    Exec("ROLLBACK").IgnoreError();
+    return s;
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<v1::Device>> Registry::LoadAll() {

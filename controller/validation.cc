@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/unique_fd.h"
@@ -133,6 +134,24 @@ absl::StatusOr<uint32_t> ParseXenVirtualDevice(absl::string_view text) {
   return bad("is not a Xen virtual device");
 }
 
+std::string XenVirtualDeviceName(uint32_t number) {
+  auto letters = [](uint32_t disk) {
+    std::string out;
+    for (uint64_t d = uint64_t{disk} + 1; d > 0; d = (d - 1) / 26) {
+      out.insert(out.begin(), static_cast<char>('a' + (d - 1) % 26));
+    }
+    return out;
+  };
+  auto with_part = [](std::string name, uint32_t part) {
+    return part == 0 ? name : absl::StrCat(name, part);
+  };
+  if ((number >> 8) == 202) return with_part("xvd" + letters((number >> 4) & 15), number & 15);
+  if ((number >> 28) == 1) {
+    return with_part("xvd" + letters((number >> 8) & 0xfffff), number & 0xff);
+  }
+  return absl::StrCat(number);  // hd*/sd* numbers and the rest stay numeric
+}
+
 absl::Status ValidateSpec(const v1::DeviceSpec& spec) {
   if (!spec.has_backend()) return Invalid("spec.backend", "must be set");
   const v1::BackendSpec& b = spec.backend();
@@ -239,6 +258,12 @@ v1::DeviceSpec NormalizeSpec(const v1::DeviceSpec& spec) {
   }
   if (n.has_xen()) {
     v1::XenFrontend* x = n.mutable_xen();
+    // One spelling per device ("51712" and "xvda" are the same disk), so that AttachDevice
+    // idempotency does not depend on how the client wrote it. hd/sd names are kept as written.
+    if (absl::StatusOr<uint32_t> number = ParseXenVirtualDevice(x->virtual_device());
+        number.ok() && absl::StartsWith(XenVirtualDeviceName(*number), "xvd")) {
+      x->set_virtual_device(XenVirtualDeviceName(*number));
+    }
     if (x->max_queues() == 0) x->set_max_queues(4);
     if (!x->has_persistent_grants()) x->set_persistent_grants(true);
     if (x->max_indirect_segments() == 0 && !x->disable_indirect()) {

@@ -31,6 +31,9 @@ absl::Status ValidateDeviceId(absl::string_view id, absl::string_view field = "d
 // part < 16, else 1<<28 | disk<<8 | part), hd[a-t][0-63], sd[a-p][0-15], or a decimal number.
 absl::StatusOr<uint32_t> ParseXenVirtualDevice(absl::string_view text);
 
+// The canonical spelling of a virtual-device number: xvd names for xvd numbers, else decimal.
+std::string XenVirtualDeviceName(uint32_t number);
+
 // Checks the spec's fields on their own (enums known, numbers in range, exactly one frontend).
 absl::Status ValidateSpec(const v1::DeviceSpec& spec);
 

@@ -759,3 +759,33 @@ TEST(ValidateResizeTest, ReadOnlyDevice) {
 
 }  // namespace
 }  // namespace blockplane::controller
+
+namespace blockplane::controller {
+namespace {
+
+TEST(XenVirtualDeviceNameTest, NamesRoundTripThroughNumbers) {
+  for (const char* name : {"xvda", "xvdb", "xvda1", "xvdp15", "xvdq", "xvdz", "xvdaa", "xvdq3"}) {
+    absl::StatusOr<uint32_t> number = ParseXenVirtualDevice(name);
+    ASSERT_TRUE(number.ok()) << name;
+    EXPECT_EQ(XenVirtualDeviceName(*number), name);
+  }
+  EXPECT_EQ(XenVirtualDeviceName(768), "768");  // hda stays numeric: no xvd name
+}
+
+TEST(NormalizeSpecTest, XenVirtualDeviceNumberAndNameNormaliseAlike) {
+  v1::DeviceSpec by_number, by_name, ide;
+  for (auto* spec : {&by_number, &by_name, &ide}) {
+    spec->mutable_backend()->set_path("/srv/d.img");
+    spec->mutable_xen()->set_domid(3);
+  }
+  by_number.mutable_xen()->set_virtual_device("51712");
+  by_name.mutable_xen()->set_virtual_device("xvda");
+  ide.mutable_xen()->set_virtual_device("hdc");
+  EXPECT_EQ(NormalizeSpec(by_number).xen().virtual_device(), "xvda");
+  EXPECT_EQ(NormalizeSpec(by_number).SerializeAsString(),
+            NormalizeSpec(by_name).SerializeAsString());
+  EXPECT_EQ(NormalizeSpec(ide).xen().virtual_device(), "hdc");
+}
+
+}  // namespace
+}  // namespace blockplane::controller
