@@ -137,6 +137,7 @@ UringBackend::Op* UringBackend::NewOp(Kind kind, uint64_t offset, uint64_t lengt
   op->offset = offset;
   op->length = length;
   op->flags = 0;
+  op->refused = false;
   op->iov = nullptr;
   op->iovcnt = 0;
   op->iov_storage.clear();
@@ -172,6 +173,7 @@ void UringBackend::Discard(uint64_t offset, uint64_t length, BackendCompletion* 
   Op* op = NewOp(is_block_device_ ? Kind::kBlkDiscard : Kind::kDiscard, offset, length, done);
   if (!discard_supported_) {
     ++counters_.unsupported_ops;
+    op->refused = true;
     loop_->Defer(op, -EOPNOTSUPP);
     return;
   }
@@ -188,6 +190,7 @@ void UringBackend::WriteZeroes(uint64_t offset, uint64_t length, uint32_t flags,
   Op* op = NewOp(kind, offset, length, done);
   if (!write_zeroes_supported_) {
     ++counters_.unsupported_ops;
+    op->refused = true;
     loop_->Defer(op, -EOPNOTSUPP);
     return;
   }
@@ -306,6 +309,7 @@ void UringBackend::Advance(Op* op, uint64_t bytes) {
 }
 
 void UringBackend::OnResult(Op* op, int result) {
+  if (op->refused) return Finish(op, result);
   if (result == -EAGAIN || result == -EINTR) {
     ++counters_.resubmissions;
     if (op->kind == Kind::kBlkDiscard) {

@@ -92,6 +92,7 @@ class UringBackend final : public Backend {
     uint64_t offset = 0;
     uint64_t length = 0;  // remaining bytes (read/write) or range length
     uint32_t flags = 0;
+    bool refused = false;  // failed before reaching the kernel (feature withdrawn)
     const iovec* iov = nullptr;
     int iovcnt = 0;
     std::vector<iovec> iov_storage;  // the rest, once a transfer has been short

@@ -178,6 +178,38 @@ TEST(UringBackendTest, IoInsideRegisteredMemoryUsesFixedBuffers) {
   EXPECT_EQ((*backend)->Counters().fixed_buffer_ops, 2u);
 }
 
+// tmpfs implements fallocate PUNCH_HOLE but not ZERO_RANGE: a real EOPNOTSUPP from the kernel.
+TEST(UringBackendTest, EopnotsuppFromTheKernelWithdrawsWriteZeroes) {
+  char name[] = "/dev/shm/blockplane-test-XXXXXX";
+  int fd = mkstemp(name);
+  if (fd < 0) GTEST_SKIP() << "no /dev/shm";
+  ASSERT_EQ(ftruncate(fd, 1 << 20), 0);
+  close(fd);
+  auto loop = MakeLoop();
+  auto backend = UringBackend::Open(loop.get(), name, {.cache = CacheMode::kWriteback});
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  Waiter z;
+  (*backend)->WriteZeroes(0, 4096, 0, &z);  // ZERO_RANGE
+  int result = RunToCompletion(loop.get(), &z);
+  if (result == 0) {
+    unlink(name);
+    GTEST_SKIP() << "this kernel's tmpfs supports ZERO_RANGE";
+  }
+  EXPECT_EQ(result, -EOPNOTSUPP);
+  EXPECT_FALSE((*backend)->SupportsWriteZeroes());
+  EXPECT_EQ((*backend)->Counters().write_zeroes_withdrawn, 1u);
+  Waiter again;
+  (*backend)->WriteZeroes(0, 4096, 0, &again);  // refused without a syscall
+  EXPECT_EQ(RunToCompletion(loop.get(), &again), -EOPNOTSUPP);
+  EXPECT_EQ((*backend)->Counters().unsupported_ops, 2u);
+  // Discard (PUNCH_HOLE) still works on tmpfs.
+  Waiter d;
+  (*backend)->Discard(0, 4096, &d);
+  EXPECT_EQ(RunToCompletion(loop.get(), &d), 0);
+  EXPECT_TRUE((*backend)->SupportsDiscard());
+  unlink(name);
+}
+
 TEST(UringBackendTest, OpenMissingFileFails) {
   auto loop = MakeLoop();
   auto backend = UringBackend::Open(loop.get(), "/tmp/blockplane-does-not-exist", {});

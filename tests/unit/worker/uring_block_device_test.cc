@@ -105,6 +105,35 @@ TEST(OpenBlockDeviceTest, GuestMemoryRegistrationReachesTheBackend) {
   (*device)->UnregisterGuestMemory(guest.iov());
 }
 
+// A real EOPNOTSUPP (tmpfs has no ZERO_RANGE): write-zeroes is withdrawn for the device and
+// later requests fall back to writing zeroes, which the guest never notices.
+TEST(OpenBlockDeviceTest, WriteZeroesWithdrawnOnEopnotsuppFallsBackToWrites) {
+  char name[] = "/dev/shm/blockplane-test-XXXXXX";
+  int fd = mkstemp(name);
+  if (fd < 0) GTEST_SKIP() << "no /dev/shm";
+  std::vector<uint8_t> ones(1 << 20, 0x11);
+  ASSERT_EQ(write(fd, ones.data(), ones.size()), static_cast<ssize_t>(ones.size()));
+  close(fd);
+  auto loop = MakeLoop();
+  auto device = OpenBlockDevice(loop.get(), name, {.cache = CacheMode::kWriteback});
+  ASSERT_TRUE(device.ok()) << device.status();
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_EQ(
+        Execute(loop.get(), device->get(),
+                {.op = BlockOp::kWriteZeroes, .offset = uint64_t(i) * 65536, .length = 65536}),
+        0);
+  }
+  EXPECT_EQ(ReadFile(name, 0, 131072), std::vector<uint8_t>(131072, 0));
+  EXPECT_EQ(ReadFile(name, 131072, 4096), std::vector<uint8_t>(4096, 0x11));
+  BlockDeviceStats stats = (*device)->Stats();
+  unlink(name);
+  if (stats.write_zeroes_withdrawn == 0) GTEST_SKIP() << "this kernel's tmpfs has ZERO_RANGE";
+  EXPECT_EQ(stats.write_zeroes_fallbacks, 2u);
+  EXPECT_EQ(stats.ops[int(BlockOp::kWriteZeroes)].ops, 2u);
+  EXPECT_EQ(stats.ops[int(BlockOp::kWriteZeroes)].failed, 0u);
+  EXPECT_EQ((*device)->backend()->Counters().write_zeroes_withdrawn, 1u);
+}
+
 TEST(OpenBlockDeviceTest, MissingFileIsNotFound) {
   auto loop = MakeLoop();
   auto device = OpenBlockDevice(loop.get(), "/tmp/blockplane-no-such-disk", {});
