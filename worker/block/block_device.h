@@ -90,7 +90,7 @@ int LatencyBucketIndex(uint64_t latency_ns);
 
 struct BlockOpStats {
   uint64_t bytes = 0;
-  uint64_t ops = 0;  // completed successfully or with an error (not invalid)
+  uint64_t ops = 0;  // completed successfully (failed and invalid are counted apart)
   uint64_t total_time_ns = 0;
   uint64_t failed = 0;
   uint64_t invalid = 0;
