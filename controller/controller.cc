@@ -118,6 +118,11 @@ absl::Status Controller::Start() {
     builder.AddListeningPort(options_.listen_tcp, grpc::InsecureServerCredentials(), &tcp_port_);
   }
   builder.RegisterService(service_.get());
+  if (options_.enable_self_test_io) {
+    diagnostics_ = std::make_unique<DiagnosticsService>(manager_.get());
+    builder.RegisterService(diagnostics_.get());
+    BP_LOG(Warning) << "--enable-self-test-io: Diagnostics/SelfTestIo can overwrite device data";
+  }
   // Sync-server pollers notice shutdown only when their completion-queue wait times out; the
   // default (1 s) made every shutdown take seconds.
   builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::CQ_TIMEOUT_MSEC, 50);
@@ -154,6 +159,7 @@ void Controller::Shutdown() {
     BP_LOG(Debug) << "device monitors stopped";
   }
   service_.reset();
+  diagnostics_.reset();
   registry_.reset();
 }
 

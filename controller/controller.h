@@ -6,6 +6,7 @@
 #include "common/unique_fd.h"
 #include "controller/device_manager.h"
 #include "controller/device_service.h"
+#include "controller/diagnostics_service.h"
 #include "controller/options.h"
 #include "controller/registry.h"
 
@@ -36,6 +37,7 @@ class Controller {
   std::unique_ptr<Registry> registry_;
   std::unique_ptr<DeviceManager> manager_;
   std::unique_ptr<DeviceService> service_;
+  std::unique_ptr<DiagnosticsService> diagnostics_;  // --enable-self-test-io only
   std::unique_ptr<grpc::Server> server_;
   int tcp_port_ = 0;
 };

@@ -17,6 +17,7 @@
 #include "common/logging.h"
 #include "controller/device_state.h"
 #include "controller/validation.h"
+#include "worker/metrics/stats_segment.h"
 #include "google/protobuf/util/message_differencer.h"
 
 namespace blockplane::controller {
@@ -133,6 +134,14 @@ internal::WorkerConfig DeviceManager::MakeConfig(const v1::Device& device) const
     }
   }
   if (!options_.metrics_host.empty()) config.set_metrics_listen(options_.metrics_host + ":0");
+  // Before every generation: counters continue across worker crashes (kept if valid).
+  std::string stats = worker::StatsSegmentPath(options_.state_dir, device.id());
+  if (absl::Status s = worker::PrepareStatsSegment(stats, device.id()); s.ok()) {
+    config.set_stats_segment(stats);
+  } else {
+    BP_LOG(Error) << "device " << device.id() << ": no stats segment, counters will restart with "
+                  << "each worker: " << s.message();
+  }
   return config;
 }
 
@@ -236,6 +245,7 @@ void DeviceManager::RemoveLocked(Entry& entry, const std::string& reason) {
       (void)xen_toolstack_->RemoveVbd(entry.device.spec(), *devid);
     }
   }
+  worker::RemoveStatsSegment(worker::StatsSegmentPath(options_.state_dir, id));
   BP_LOG(Info) << "device " << id << ": removed (" << reason << ")";
   v1::Device last = entry.device;
   if (entry.monitor.joinable()) finished_monitors_.push_back(std::move(entry.monitor));
@@ -905,6 +915,22 @@ absl::StatusOr<v1::ListDevicesResponse> DeviceManager::List(const v1::ListDevice
 
 absl::StatusOr<v1::DeviceStats> DeviceManager::Stats(const std::string& device_id,
                                                      Clock::time_point deadline) {
+  internal::ControlRequest request;
+  request.mutable_stats();
+  return CallForStats(device_id, std::move(request), deadline);
+}
+
+absl::StatusOr<v1::DeviceStats> DeviceManager::SelfTestIo(
+    const std::string& device_id, const internal::SelfTestIoRequest& io,
+    Clock::time_point deadline) {
+  internal::ControlRequest request;
+  *request.mutable_self_test_io() = io;
+  return CallForStats(device_id, std::move(request), deadline);
+}
+
+absl::StatusOr<v1::DeviceStats> DeviceManager::CallForStats(const std::string& device_id,
+                                                            internal::ControlRequest request,
+                                                            Clock::time_point deadline) {
   std::shared_ptr<WorkerProcess> worker;
   uint64_t generation;
   {
@@ -920,9 +946,7 @@ absl::StatusOr<v1::DeviceStats> DeviceManager::Stats(const std::string& device_i
     generation = (*entry)->device.status().worker_generation();
   }
   if (!worker) return absl::UnavailableError("device_id: the device's worker is restarting");
-  internal::ControlRequest request;
-  request.mutable_stats();
-  absl::StatusOr<internal::ControlResponse> reply = worker->Call(request, deadline);
+  absl::StatusOr<internal::ControlResponse> reply = worker->Call(std::move(request), deadline);
   if (!reply.ok()) return reply.status();
   v1::DeviceStats stats = reply->stats();
   stats.set_device_id(device_id);

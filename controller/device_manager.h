@@ -94,6 +94,11 @@ class DeviceManager {
   absl::StatusOr<v1::Device> Get(const std::string& device_id);
   absl::StatusOr<v1::ListDevicesResponse> List(const v1::ListDevicesRequest& request);
   absl::StatusOr<v1::DeviceStats> Stats(const std::string& device_id, Clock::time_point deadline);
+  // Test and diagnostic path (blockplane.internal.Diagnostics): runs `io` through the device's
+  // worker and returns the stats once it is done.
+  absl::StatusOr<v1::DeviceStats> SelfTestIo(const std::string& device_id,
+                                             const internal::SelfTestIoRequest& io,
+                                             Clock::time_point deadline);
 
   // Subscribes to events; `snapshot` receives the matching devices as of the subscription, with no
   // event lost or repeated between the two.
@@ -130,6 +135,10 @@ class DeviceManager {
   absl::Status CheckConflictsLocked(const std::string& device_id, const v1::DeviceSpec& spec,
                                     const std::string& resolved_path);
 
+  // Sends `request` (stats or self-test I/O) to the device's worker and returns its stats.
+  absl::StatusOr<v1::DeviceStats> CallForStats(const std::string& device_id,
+                                               internal::ControlRequest request,
+                                               Clock::time_point deadline);
   internal::WorkerConfig MakeConfig(const v1::Device& device) const;
   std::string ControlSocketPath(const std::string& device_id) const;
   void Wake(Entry& entry);

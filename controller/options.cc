@@ -28,6 +28,10 @@ Flags:
   --restart-window=SECONDS  (default 60)
   --metrics-host=HOST       workers serve /metrics on HOST with a kernel-chosen port
                             (default: no worker metrics endpoint)
+  --metrics-listen=HOST:PORT  the controller serves /metrics and Prometheus HTTP service
+                            discovery (/sd) there; port 0: the kernel picks (logged)
+  --enable-self-test-io     serve blockplane.internal.Diagnostics/SelfTestIo, which runs test
+                            I/O through a device's worker (overwrites data; tests, diagnostics)
   --xen-platform=KIND       none (default: no xenstore writes; Xen devices are served by the
                             block layer only), host (a Xen dom0 or driver domain: libxenstore,
                             gntdev, evtchn) or emulated (the test harness's bp-xenhost)
@@ -118,6 +122,10 @@ absl::StatusOr<ControllerOptions> ParseControllerFlags(int argc, char** argv) {
       if ((s = need()).ok()) o.xen_run_dir = value;
     } else if (name == "--xen-grant-copy") {
       o.xen_grant_copy = true;
+    } else if (name == "--metrics-listen") {
+      if ((s = need()).ok()) o.metrics_listen = value;
+    } else if (name == "--enable-self-test-io") {
+      o.enable_self_test_io = true;
     } else {
       s = absl::InvalidArgumentError(
           absl::StrCat("unknown flag \"", arg, "\"; see blockplaned --help"));

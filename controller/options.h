@@ -19,6 +19,8 @@ struct ControllerOptions {
   int max_restarts = 5;
   int restart_window_seconds = 60;
   std::string metrics_host;
+  std::string metrics_listen;  // host:port of the controller's /metrics and /sd; empty: none
+  bool enable_self_test_io = false;
   // Xen toolstack role: "none" (no xenstore writes; Xen devices get only the block layer),
   // "host" (libxen, dom0 / driver domain) or "emulated" (bp-xenhost under xen_run_dir).
   std::string xen_platform = "none";

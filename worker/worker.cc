@@ -78,6 +78,17 @@ absl::Status Worker::Init() {
   if (!signal_fd_) return absl::InternalError(absl::StrCat("signalfd: ", strerror(errno)));
   signal_watch_ = loop_->AddFd(signal_fd_.get(), POLLIN, [this](uint32_t) { OnSignal(); });
 
+  if (!config_.stats_segment().empty()) {
+    absl::StatusOr<std::unique_ptr<StatsSegment>> segment =
+        StatsSegment::Open(config_.stats_segment(), config_.device_id(), config_.generation());
+    if (segment.ok()) {
+      stats_segment_ = std::move(*segment);
+    } else {
+      // Serving matters more than counting: carry on with counters that start at zero.
+      BP_LOG(Error) << segment.status().message() << "; counters restart from zero";
+    }
+  }
+
   const blockplane::v1::BackendSpec& spec = config_.spec().backend();
   UringBackend::Options options;
   options.cache = ToCacheMode(spec.cache());
@@ -90,6 +101,7 @@ absl::Status Worker::Init() {
                                 [&] {
                                   BlockDeviceOptions o = ToBlockOptions(spec);
                                   o.on_error_stop = [this](int error) { OnErrorStop(error); };
+                                  if (stats_segment_) o.counters = stats_segment_->block_ops();
                                   return o;
                                 }())
           : absl::StatusOr<std::unique_ptr<BlockDevice>>(backend.status());
@@ -431,6 +443,28 @@ void Worker::HandleRequest(const internal::ControlRequest& request) {
     case internal::ControlRequest::kStats: {
       blockplane::v1::DeviceStats stats = Stats();
       Reply(id, absl::OkStatus(), nullptr, &stats);
+      return;
+    }
+    case internal::ControlRequest::kSelfTestIo: {
+      if (self_test_ && !self_test_->finished()) {
+        Reply(id, absl::FailedPreconditionError("a self-test I/O run is already in progress"));
+        return;
+      }
+      absl::StatusOr<std::unique_ptr<SelfTestIo>> run = SelfTestIo::Start(
+          device_.get(), request.self_test_io(), [this, id](const SelfTestIo::Result& r) {
+            blockplane::v1::DeviceStats stats = Stats();
+            Reply(id,
+                  r.failed == 0 ? absl::OkStatus()
+                                : absl::InternalError(absl::StrCat(r.failed, " of ", r.completed,
+                                                                   " requests failed, first: ",
+                                                                   strerror(-r.first_error))),
+                  nullptr, &stats);
+          });
+      if (!run.ok()) {
+        Reply(id, run.status());
+        return;
+      }
+      self_test_ = std::move(*run);
       return;
     }
     default:

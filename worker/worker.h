@@ -11,6 +11,8 @@
 #include "common/xen/xen_platform.h"
 #include "worker/block/block_device.h"
 #include "worker/xen/blkif_backend.h"
+#include "worker/diagnostics/self_test_io.h"
+#include "worker/metrics/stats_segment.h"
 
 namespace blockplane::worker {
 
@@ -71,6 +73,10 @@ class Worker {
   common::EventLoop::FdWatch conn_watch_ = common::EventLoop::kInvalidFdWatch;
   common::FrameReader reader_;
 
+  // Declared before device_ so that they outlive it: the device's counters live in the stats
+  // segment, and requests of a self-test still in flight at exit point into self_test_'s buffers.
+  std::unique_ptr<StatsSegment> stats_segment_;
+  std::unique_ptr<SelfTestIo> self_test_;
   std::unique_ptr<BlockDevice> device_;
   // Xen blkif frontend (spec.xen with a Xen platform configured); destroyed before the device.
   std::unique_ptr<common::xen::XenPlatform> xen_;

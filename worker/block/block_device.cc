@@ -149,7 +149,10 @@ absl::StatusOr<std::unique_ptr<BlockDevice>> BlockDevice::Create(common::EventLo
 
 BlockDevice::BlockDevice(common::EventLoop* loop, std::unique_ptr<Backend> backend,
                          BlockDeviceOptions options)
-    : loop_(loop), backend_(std::move(backend)), options_(std::move(options)) {
+    : loop_(loop),
+      backend_(std::move(backend)),
+      options_(std::move(options)),
+      op_counters_(options_.counters ? options_.counters : own_op_counters_.data()) {
   const BackendLimits& limits = backend_->Limits();
   align_ = limits.request_alignment;
   buffer_align_ = std::bit_ceil(std::max<uint32_t>(limits.buffer_alignment, 1));

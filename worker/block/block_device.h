@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -72,6 +73,8 @@ enum class DiscardMode { kIgnore, kUnmap };
 enum class DetectZeroes { kOff, kOn, kUnmap };
 enum class ErrorPolicy { kReport, kStop };
 
+struct BlockOpCounters;  // below
+
 struct BlockDeviceOptions {
   uint32_t logical_block_size = 512;  // 512 or 4096: the guest-visible sector size
   bool read_only = false;
@@ -80,6 +83,11 @@ struct BlockDeviceOptions {
   ErrorPolicy error_policy = ErrorPolicy::kReport;
   // kStop only: called on the loop thread when the device stops on an I/O error (once per stop).
   std::function<void(int error)> on_error_stop;
+  // Optional storage for the per-operation counters: an array of kBlockOpCount (indexed by
+  // BlockOp) that outlives the device, e.g. in a shared-memory stats segment so that counters
+  // survive a crash of the worker (worker/metrics/stats_segment.h). The device adds to whatever
+  // it holds; null: the device keeps its own, starting at zero.
+  BlockOpCounters* counters = nullptr;
 };
 
 inline constexpr int kLatencyBuckets = 24;
@@ -87,6 +95,25 @@ inline constexpr int kLatencyBuckets = 24;
 // bounds double from 1 us; the last bucket is unbounded.
 uint64_t LatencyBucketUpperBoundNs(int bucket);
 int LatencyBucketIndex(uint64_t latency_ns);
+
+// Per-operation counters as the block layer keeps them: one writer (the loop thread), any reader,
+// relaxed atomics (no lock, no read-modify-write instruction on the hot path). Standard layout and
+// lock-free, so they may live in memory shared with other processes.
+struct BlockCounter {
+  std::atomic<uint64_t> value{0};
+  void Add(uint64_t n) {
+    value.store(value.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+  }
+  void Set(uint64_t n) { value.store(n, std::memory_order_relaxed); }
+  uint64_t Get() const { return value.load(std::memory_order_relaxed); }
+};
+struct BlockOpCounters {
+  BlockCounter bytes, ops, total_time_ns, failed, invalid;
+  std::array<BlockCounter, kLatencyBuckets> histogram;
+};
+static_assert(std::atomic<uint64_t>::is_always_lock_free);
+static_assert(std::is_standard_layout_v<BlockOpCounters>);
+static_assert(sizeof(BlockOpCounters) == (5 + kLatencyBuckets) * sizeof(uint64_t));
 
 struct BlockOpStats {
   uint64_t bytes = 0;
@@ -175,18 +202,8 @@ class BlockDevice {
 
  private:
   struct Tracked;
-  struct RelaxedCounter {
-    std::atomic<uint64_t> value{0};
-    void Add(uint64_t n) {
-      value.store(value.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
-    }
-    void Set(uint64_t n) { value.store(n, std::memory_order_relaxed); }
-    uint64_t Get() const { return value.load(std::memory_order_relaxed); }
-  };
-  struct OpCounters {
-    RelaxedCounter bytes, ops, total_time_ns, failed, invalid;
-    std::array<RelaxedCounter, kLatencyBuckets> histogram;
-  };
+  using RelaxedCounter = BlockCounter;
+  using OpCounters = BlockOpCounters;
   class DrainFlush final : public BackendCompletion {
    public:
     explicit DrainFlush(BlockDevice* device) : device_(device) {}
@@ -288,7 +305,8 @@ class BlockDevice {
   uint8_t* zero_buffer_ = nullptr;
 
   // Stats (single writer: the loop thread; any reader).
-  std::array<OpCounters, kBlockOpCount> op_counters_;
+  std::array<OpCounters, kBlockOpCount> own_op_counters_;
+  OpCounters* op_counters_;  // own_op_counters_ or BlockDeviceOptions::counters
   RelaxedCounter in_flight_gauge_, queued_gauge_, parked_gauge_, highest_written_;
   RelaxedCounter last_completion_ns_, flushes_skipped_, rmw_, bounced_, split_;
   RelaxedCounter serialising_waits_, zero_writes_detected_, write_zeroes_fallbacks_;

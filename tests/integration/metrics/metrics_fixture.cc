@@ -1,0 +1,96 @@
+#include "tests/integration/metrics/metrics_fixture.h"
+
+#include <civetweb.h>
+
+#include "absl/strings/numbers.h"
+#include "gtest/gtest.h"
+
+namespace blockplane::testing {
+
+v1::Device AttachTestDevice(ControllerProcess& controller, const std::string& id, uint64_t size) {
+  v1::DeviceSpec spec = XenSpec(controller.CreateDisk(id + ".img", size));
+  spec.mutable_backend()->set_cache(v1::CACHE_MODE_WRITEBACK);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  v1::AttachDeviceRequest req;
+  req.set_device_id(id);
+  *req.mutable_spec() = spec;
+  v1::Device device;
+  grpc::Status s = controller.stub().AttachDevice(&ctx, req, &device);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  return device;
+}
+
+v1::DeviceStats RunSelfTestIo(ControllerProcess& controller, const std::string& id, uint32_t ops,
+                              uint32_t bytes, bool write) {
+  auto stub = internal::Diagnostics::NewStub(controller.channel());
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  internal::SelfTestIoCall call;
+  call.set_device_id(id);
+  call.mutable_io()->set_ops(ops);
+  call.mutable_io()->set_bytes(bytes);
+  call.mutable_io()->set_write(write);
+  call.mutable_io()->set_queue_depth(8);
+  v1::DeviceStats stats;
+  grpc::Status s = stub->SelfTestIo(&ctx, call, &stats);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  return stats;
+}
+
+v1::DeviceStats GetStats(ControllerProcess& controller, const std::string& id) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  v1::GetDeviceStatsRequest req;
+  req.set_device_id(id);
+  v1::DeviceStats stats;
+  grpc::Status s = controller.stub().GetDeviceStats(&ctx, req, &stats);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  return stats;
+}
+
+v1::Device GetDevice(ControllerProcess& controller, const std::string& id) {
+  grpc::ClientContext ctx;
+  v1::GetDeviceRequest req;
+  req.set_device_id(id);
+  v1::Device out;
+  grpc::Status s = controller.stub().GetDevice(&ctx, req, &out);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  return out;
+}
+
+v1::OpStats OpOf(const v1::DeviceStats& stats, const std::string& op) {
+  for (const v1::OpStats& o : stats.ops()) {
+    if (o.op() == op) return o;
+  }
+  return v1::OpStats();
+}
+
+std::string HttpGet(const std::string& host_port, const std::string& path) {
+  size_t colon = host_port.rfind(':');
+  int port = 0;
+  if (colon == std::string::npos || !absl::SimpleAtoi(host_port.substr(colon + 1), &port)) {
+    ADD_FAILURE() << "not host:port: " << host_port;
+    return "";
+  }
+  std::string host = host_port.substr(0, colon);
+  char error[256] = "";
+  mg_connection* conn =
+      mg_download(host.c_str(), port, 0, error, sizeof(error),
+                  "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n", path.c_str(), host_port.c_str());
+  if (!conn) {
+    ADD_FAILURE() << "GET http://" << host_port << path << ": " << error;
+    return "";
+  }
+  const mg_response_info* info = mg_get_response_info(conn);
+  int status = info ? info->status_code : 0;
+  std::string body;
+  char buf[16384];
+  int n;
+  while ((n = mg_read(conn, buf, sizeof(buf))) > 0) body.append(buf, static_cast<size_t>(n));
+  mg_close_connection(conn);
+  EXPECT_EQ(status, 200) << "GET http://" << host_port << path << ": " << body;
+  return body;
+}
+
+}  // namespace blockplane::testing

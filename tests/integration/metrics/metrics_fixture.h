@@ -1,0 +1,33 @@
+#pragma once
+
+// Helpers shared by the metrics integration tests: a controller with the self-test I/O path,
+// attach, and a known workload through the worker's block layer.
+
+#include <string>
+
+#include "blockplane/internal/diagnostics.grpc.pb.h"
+#include "tests/integration/controller/fixture.h"
+
+namespace blockplane::testing {
+
+// Attaches `id` over a sparse `size`-byte disk (cache writeback: works on tmpfs) and returns the
+// device; fails the test on error.
+v1::Device AttachTestDevice(ControllerProcess& controller, const std::string& id, uint64_t size);
+
+// Runs `ops` requests of `bytes` through the device's worker (Diagnostics/SelfTestIo) and returns
+// the device's stats afterwards; fails the test on error.
+v1::DeviceStats RunSelfTestIo(ControllerProcess& controller, const std::string& id, uint32_t ops,
+                              uint32_t bytes, bool write);
+
+// GetDeviceStats over gRPC.
+v1::DeviceStats GetStats(ControllerProcess& controller, const std::string& id);
+v1::Device GetDevice(ControllerProcess& controller, const std::string& id);
+
+// The stats of `op` ("read", "write", ...) in `stats`; an empty OpStats if absent.
+v1::OpStats OpOf(const v1::DeviceStats& stats, const std::string& op);
+
+// HTTP GET on 127.0.0.1 (or host:port) through curl-free code: civetweb's client.
+// Returns the body; fails the test unless the status is 200.
+std::string HttpGet(const std::string& host_port, const std::string& path);
+
+}  // namespace blockplane::testing
