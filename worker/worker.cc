@@ -9,6 +9,7 @@
 
 #include <cstring>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/unix_socket.h"
@@ -59,6 +60,7 @@ Worker::~Worker() {
     if (listen_watch_) loop_->RemoveFd(listen_watch_);
     if (signal_watch_) loop_->RemoveFd(signal_watch_);
   }
+  exporter_.reset();
   blkif_.reset();
   device_.reset();
   if (listen_fd_) ::unlink(config_.control_socket().c_str());
@@ -135,7 +137,38 @@ absl::Status Worker::Init() {
       BP_LOG(Error) << open_error_.message();
     }
   }
+  StartMetrics();
   return absl::OkStatus();
+}
+
+void Worker::StartMetrics() {
+  metrics_state_.store(state_, std::memory_order_relaxed);
+  metrics_size_.store(device_ ? device_->capacity() : 0, std::memory_order_relaxed);
+  if (config_.metrics_listen().empty() || !device_) return;
+  const char* frontend = config_.spec().has_xen()          ? "xen"
+                         : config_.spec().has_vhost_user() ? "vhost_user"
+                                                           : "none";
+  auto collector = std::make_shared<DeviceCollector>(config_.device_id(), frontend,
+                                                     [this] { return MetricsSnapshot(); });
+  absl::StatusOr<std::unique_ptr<WorkerExporter>> exporter =
+      WorkerExporter::Start(config_.metrics_listen(), std::move(collector));
+  if (!exporter.ok()) {
+    BP_LOG(Error) << exporter.status().message();
+    return;
+  }
+  exporter_ = std::move(*exporter);
+  BP_LOG(Info) << "metrics on http://" << exporter_->endpoint() << "/metrics";
+}
+
+DeviceMetricsSnapshot Worker::MetricsSnapshot() const {
+  DeviceMetricsSnapshot s;
+  s.block = device_->Stats();
+  s.size_bytes = metrics_size_.load(std::memory_order_relaxed);
+  std::string name = internal::WorkerState_Name(
+      static_cast<internal::WorkerState>(metrics_state_.load(std::memory_order_relaxed)));
+  s.state = absl::AsciiStrToLower(name.substr(sizeof("WORKER_STATE_") - 1));
+  s.generation = config_.generation();
+  return s;
 }
 
 bool Worker::ServesXen() const {
@@ -287,6 +320,7 @@ internal::WorkerStatus Worker::Status() const {
     s.set_in_flight(stats.in_flight);
     s.set_highest_written_offset(stats.highest_written_offset);
   }
+  if (exporter_) s.set_metrics_endpoint(exporter_->endpoint());
   if (!open_error_.ok()) s.set_error(std::string(open_error_.message()));
   if (!error_stop_.empty()) s.set_error(error_stop_);
   if (blkif_) {
@@ -368,6 +402,7 @@ void Worker::SetState(internal::WorkerState state, const std::string& reason) {
   BP_LOG(Info) << internal::WorkerState_Name(state_) << " -> " << internal::WorkerState_Name(state)
                << " (" << reason << ")";
   state_ = state;
+  metrics_state_.store(state, std::memory_order_relaxed);
   SendEvent(reason);
 }
 
@@ -433,6 +468,7 @@ void Worker::HandleRequest(const internal::ControlRequest& request) {
     case internal::ControlRequest::kResize: {
       absl::Status resized = device_->Resize(request.resize().size_bytes());
       if (resized.ok() && blkif_) resized = blkif_->Resize();
+      metrics_size_.store(device_->capacity(), std::memory_order_relaxed);
       Reply(id, resized);
       if (resized.ok()) SendEvent("resized");
       return;

@@ -12,7 +12,9 @@
 #include "worker/block/block_device.h"
 #include "worker/xen/blkif_backend.h"
 #include "worker/diagnostics/self_test_io.h"
+#include "worker/metrics/device_collector.h"
 #include "worker/metrics/stats_segment.h"
+#include "worker/metrics/worker_exporter.h"
 
 namespace blockplane::worker {
 
@@ -45,6 +47,10 @@ class Worker {
              const blockplane::v1::DeviceStats* stats = nullptr);
   void SendEvent(const std::string& reason);
   void SetState(internal::WorkerState state, const std::string& reason);
+  // Serves /metrics on config_.metrics_listen (if set); a failure is logged, not fatal.
+  void StartMetrics();
+  // Any thread (the exporter's): reads only atomics.
+  DeviceMetricsSnapshot MetricsSnapshot() const;
   internal::WorkerStatus Status() const;
   blockplane::v1::DeviceStats Stats() const;
   void BeginStop(uint64_t reply_id, bool force);
@@ -87,6 +93,11 @@ class Worker {
   std::string error_stop_;
   internal::WorkerState state_ = internal::WORKER_STATE_WAITING_FOR_FRONTEND;
   int exit_status_ = 0;
+  // Copies of state_ and the device size for the exporter's threads.
+  std::atomic<int> metrics_state_{internal::WORKER_STATE_WAITING_FOR_FRONTEND};
+  std::atomic<uint64_t> metrics_size_{0};
+  // Reads device_ from its own threads: stopped first in ~Worker.
+  std::unique_ptr<WorkerExporter> exporter_;
 };
 
 }  // namespace blockplane::worker

@@ -90,9 +90,10 @@ struct BlockDeviceOptions {
   BlockOpCounters* counters = nullptr;
 };
 
-inline constexpr int kLatencyBuckets = 24;
+inline constexpr int kLatencyBuckets = 26;
 // Bucket i counts requests with latency < LatencyBucketUpperBoundNs(i) (and >= bound(i-1));
-// bounds double from 1 us; the last bucket is unbounded.
+// bounds double from 1 us to 2^24 us (16.8 s), so the Prometheus histogram resolves 10 us to
+// 10 s; the last bucket is unbounded.
 uint64_t LatencyBucketUpperBoundNs(int bucket);
 int LatencyBucketIndex(uint64_t latency_ns);
 

@@ -1,0 +1,112 @@
+#include "worker/metrics/device_collector.h"
+
+#include "common/metrics/process_collector.h"
+
+namespace blockplane::worker {
+
+using common::AddCounter;
+using common::AddGauge;
+using common::MakeFamily;
+using prometheus::ClientMetric;
+using prometheus::MetricFamily;
+using prometheus::MetricType;
+
+DeviceCollector::DeviceCollector(std::string device_id, std::string frontend,
+                                 std::function<DeviceMetricsSnapshot()> snapshot)
+    : device_id_(std::move(device_id)),
+      frontend_(std::move(frontend)),
+      snapshot_(std::move(snapshot)) {}
+
+std::vector<MetricFamily> DeviceCollector::Collect() const {
+  const DeviceMetricsSnapshot s = snapshot_();
+  const std::vector<ClientMetric::Label> device = {{"device", device_id_}, {"frontend", frontend_}};
+  auto with_op = [&](int op) {
+    std::vector<ClientMetric::Label> labels = device;
+    labels.push_back({"op", BlockOpName(static_cast<BlockOp>(op))});
+    return labels;
+  };
+
+  MetricFamily ops =
+      MakeFamily("blockplane_device_operations_total",
+                 "Requests completed successfully, by operation.", MetricType::Counter);
+  MetricFamily bytes =
+      MakeFamily("blockplane_device_bytes_total",
+                 "Bytes transferred by successful requests, by operation.", MetricType::Counter);
+  MetricFamily failed =
+      MakeFamily("blockplane_device_failed_total",
+                 "Requests that completed with an I/O error, by operation.", MetricType::Counter);
+  MetricFamily invalid =
+      MakeFamily("blockplane_device_invalid_total",
+                 "Requests rejected before any I/O (misaligned, out of range, read-only), by "
+                 "operation.",
+                 MetricType::Counter);
+  MetricFamily time = MakeFamily("blockplane_device_time_seconds_total",
+                                 "Total time from admission to completion of requests, by "
+                                 "operation.",
+                                 MetricType::Counter);
+  MetricFamily latency = MakeFamily("blockplane_device_latency_seconds",
+                                    "Request latency from admission to completion, by operation.",
+                                    MetricType::Histogram);
+  for (int op = 0; op < kBlockOpCount; ++op) {
+    const BlockOpStats& o = s.block.ops[op];
+    AddCounter(ops, with_op(op), static_cast<double>(o.ops + o.failed));
+    AddCounter(bytes, with_op(op), static_cast<double>(o.bytes));
+    AddCounter(failed, with_op(op), static_cast<double>(o.failed));
+    AddCounter(invalid, with_op(op), static_cast<double>(o.invalid));
+    AddCounter(time, with_op(op), static_cast<double>(o.total_time_ns) / 1e9);
+    ClientMetric& h = latency.metric.emplace_back();
+    h.label = with_op(op);
+    uint64_t cumulative = 0;
+    for (int b = 0; b < kLatencyBuckets; ++b) {
+      cumulative += o.latency_histogram[b];
+      const uint64_t bound = LatencyBucketUpperBoundNs(b);
+      h.histogram.bucket.push_back({cumulative, bound == UINT64_MAX
+                                                    ? std::numeric_limits<double>::infinity()
+                                                    : static_cast<double>(bound) / 1e9});
+    }
+    h.histogram.sample_count = cumulative;
+    h.histogram.sample_sum = static_cast<double>(o.total_time_ns) / 1e9;
+  }
+
+  std::vector<MetricFamily> out;
+  out.push_back(std::move(ops));
+  out.push_back(std::move(bytes));
+  out.push_back(std::move(failed));
+  out.push_back(std::move(invalid));
+  out.push_back(std::move(time));
+  out.push_back(std::move(latency));
+  out.push_back(MakeFamily("blockplane_device_in_flight_requests",
+                           "Requests admitted and not yet completed.", MetricType::Gauge));
+  AddGauge(out.back(), device, static_cast<double>(s.block.in_flight));
+  out.push_back(MakeFamily("blockplane_device_queued_requests",
+                           "Requests waiting while the device is drained or stopped on an error.",
+                           MetricType::Gauge));
+  AddGauge(out.back(), device, static_cast<double>(s.block.queued + s.block.parked));
+  out.push_back(
+      MakeFamily("blockplane_device_size_bytes", "Size of the device.", MetricType::Gauge));
+  AddGauge(out.back(), device, static_cast<double>(s.size_bytes));
+  out.push_back(MakeFamily("blockplane_device_highest_written_offset_bytes",
+                           "End of the highest successful write since the worker started.",
+                           MetricType::Gauge));
+  AddGauge(out.back(), device, static_cast<double>(s.block.highest_written_offset));
+  out.push_back(MakeFamily("blockplane_device_seconds_since_last_io",
+                           "Time since the last completed request (0 while requests are in "
+                           "flight).",
+                           MetricType::Gauge));
+  AddGauge(out.back(), device, static_cast<double>(s.block.idle_ns) / 1e9);
+  out.push_back(MakeFamily("blockplane_device_state",
+                           "1 for the worker's current device state, 0 for the others.",
+                           MetricType::Gauge));
+  for (const char* state : kStates) {
+    std::vector<ClientMetric::Label> labels = device;
+    labels.push_back({"state", state});
+    AddGauge(out.back(), std::move(labels), s.state == state ? 1 : 0);
+  }
+  out.push_back(MakeFamily("blockplane_device_worker_generation",
+                           "Generation of the worker serving the device (1 + restarts).",
+                           MetricType::Gauge));
+  AddGauge(out.back(), device, static_cast<double>(s.generation));
+  return out;
+}
+
+}  // namespace blockplane::worker
