@@ -16,6 +16,7 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "controller/metrics/api_metrics_interceptor.h"
 
 namespace blockplane::controller {
 namespace {
@@ -58,6 +59,21 @@ absl::Status PrepareSocketPath(const std::string& path) {
   return absl::OkStatus();
 }
 
+// Every device, page by page (for /metrics and /sd).
+std::vector<v1::Device> AllDevices(DeviceManager* manager) {
+  std::vector<v1::Device> out;
+  v1::ListDevicesRequest request;
+  request.set_page_size(1000);
+  for (;;) {
+    absl::StatusOr<v1::ListDevicesResponse> page = manager->List(request);
+    if (!page.ok()) break;
+    for (v1::Device& d : *page->mutable_devices()) out.push_back(std::move(d));
+    if (page->next_page_token().empty()) break;
+    request.set_page_token(page->next_page_token());
+  }
+  return out;
+}
+
 }  // namespace
 
 Controller::Controller(ControllerOptions options) : options_(std::move(options)) {}
@@ -92,6 +108,10 @@ absl::Status Controller::Start() {
   m.max_restarts = options_.max_restarts;
   m.restart_window = std::chrono::seconds(options_.restart_window_seconds);
   m.metrics_host = options_.metrics_host;
+  if (!options_.metrics_listen.empty()) {
+    metrics_ = std::make_unique<ControllerMetrics>();
+    m.metrics = metrics_.get();
+  }
   m.xen_platform = options_.xen_platform;
   m.xen_run_dir = options_.xen_run_dir;
   m.xen_grant_copy = options_.xen_grant_copy;
@@ -118,6 +138,11 @@ absl::Status Controller::Start() {
     builder.AddListeningPort(options_.listen_tcp, grpc::InsecureServerCredentials(), &tcp_port_);
   }
   builder.RegisterService(service_.get());
+  if (metrics_) {
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> creators;
+    creators.push_back(std::make_unique<ApiMetricsInterceptorFactory>(metrics_.get()));
+    builder.experimental().SetInterceptorCreators(std::move(creators));
+  }
   if (options_.enable_self_test_io) {
     diagnostics_ = std::make_unique<DiagnosticsService>(manager_.get());
     builder.RegisterService(diagnostics_.get());
@@ -136,6 +161,16 @@ absl::Status Controller::Start() {
                                                options_.listen_tcp));
   }
   server_->GetHealthCheckService()->SetServingStatus(true);
+  if (metrics_) {
+    DeviceManager* manager = manager_.get();
+    absl::StatusOr<std::unique_ptr<MetricsServer>> metrics_server = MetricsServer::Start(
+        options_.metrics_listen, metrics_.get(), [manager] { return AllDevices(manager); });
+    if (!metrics_server.ok()) return metrics_server.status();
+    metrics_server_ = std::move(*metrics_server);
+    BP_LOG(Info) << "metrics on http://" << metrics_server_->endpoint()
+                 << "/metrics, Prometheus service discovery on http://"
+                 << metrics_server_->endpoint() << "/sd";
+  }
   BP_LOG(Info) << "serving on unix:" << options_.socket_path
                << (options_.listen_tcp.empty() ? "" : absl::StrCat(" and tcp port ", tcp_port_))
                << " state-dir=" << options_.state_dir;
@@ -143,6 +178,7 @@ absl::Status Controller::Start() {
 }
 
 void Controller::Shutdown() {
+  metrics_server_.reset();  // it lists the manager's devices
   if (server_) {
     server_->GetHealthCheckService()->SetServingStatus(false);
     // Watch streams would otherwise run until the deadline; unary calls get up to 2 s to finish.

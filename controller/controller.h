@@ -7,6 +7,8 @@
 #include "controller/device_manager.h"
 #include "controller/device_service.h"
 #include "controller/diagnostics_service.h"
+#include "controller/metrics/controller_metrics.h"
+#include "controller/metrics/metrics_server.h"
 #include "controller/options.h"
 #include "controller/registry.h"
 
@@ -38,6 +40,9 @@ class Controller {
   std::unique_ptr<DeviceManager> manager_;
   std::unique_ptr<DeviceService> service_;
   std::unique_ptr<DiagnosticsService> diagnostics_;  // --enable-self-test-io only
+  // --metrics-listen only; metrics_ outlives the manager and the API server that record into it.
+  std::unique_ptr<ControllerMetrics> metrics_;
+  std::unique_ptr<MetricsServer> metrics_server_;
   std::unique_ptr<grpc::Server> server_;
   int tcp_port_ = 0;
 };

@@ -118,6 +118,16 @@ std::string DeviceManager::ControlSocketPath(const std::string& device_id) const
   return absl::StrCat(options_.state_dir, "/workers/", device_id, ".sock");
 }
 
+absl::Status DeviceManager::TimedRegistryWrite(const std::function<absl::Status()>& write) {
+  auto start = std::chrono::steady_clock::now();
+  absl::Status s = write();
+  if (options_.metrics) {
+    options_.metrics->RegistryWrite(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  return s;
+}
+
 internal::WorkerConfig DeviceManager::MakeConfig(const v1::Device& device) const {
   internal::WorkerConfig config;
   config.set_device_id(device.id());
@@ -195,7 +205,8 @@ absl::Status DeviceManager::UpdateLocked(Entry& entry,
     }
     *updated.mutable_status()->mutable_state_changed_at() = Now();
   }
-  if (absl::Status s = registry_->Put(updated, previous, reason); !s.ok()) {
+  if (absl::Status s = TimedRegistryWrite([&] { return registry_->Put(updated, previous, reason); });
+      !s.ok()) {
     BP_LOG(Error) << "device " << entry.device.id() << ": " << s;
     return s;
   }
@@ -233,7 +244,8 @@ absl::Status DeviceManager::ApplyWorkerStatusLocked(Entry& entry,
 void DeviceManager::RemoveLocked(Entry& entry, const std::string& reason) {
   std::string id = entry.device.id();
   v1::DeviceState previous = entry.device.status().state();
-  if (absl::Status s = registry_->Delete(id, previous, reason); !s.ok()) {
+  if (absl::Status s = TimedRegistryWrite([&] { return registry_->Delete(id, previous, reason); });
+      !s.ok()) {
     BP_LOG(Error) << "device " << id << ": cannot remove from the registry: " << s;
   }
   ::unlink(ControlSocketPath(id).c_str());
@@ -432,6 +444,7 @@ bool DeviceManager::SleepUntil(Entry* entry, Clock::time_point until) {
 }
 
 bool DeviceManager::RecordWorkerLossLocked(Entry& entry, const std::string& why) {
+  if (options_.metrics) options_.metrics->WorkerCrashed();
   Clock::time_point now = Clock::now();
   entry.crashes.push_back(now);
   while (!entry.crashes.empty() && entry.crashes.front() < now - options_.restart_window) {
@@ -506,6 +519,10 @@ void DeviceManager::RunMonitor(Entry* entry) {
           WorkerProcess::Spawn(options_.spawn, config);
       std::lock_guard lock(mu_);
       if (spawned.ok()) {
+        if (options_.metrics) {
+          options_.metrics->WorkerSpawned();
+          options_.metrics->WorkerRestarted();
+        }
         entry->worker = std::move(*spawned);
         BP_LOG(Info) << "device " << id << ": worker pid " << entry->worker->pid() << " generation "
                      << config.generation() << " started";
@@ -625,7 +642,9 @@ absl::StatusOr<v1::Device> DeviceManager::Attach(const v1::AttachDeviceRequest& 
     st->set_worker_generation(1);
     *st->mutable_created_at() = Now();
     *st->mutable_state_changed_at() = st->created_at();
-    if (absl::Status s = registry_->Put(d, v1::DEVICE_STATE_UNSPECIFIED, "attach"); !s.ok()) {
+    if (absl::Status s = TimedRegistryWrite(
+            [&] { return registry_->Put(d, v1::DEVICE_STATE_UNSPECIFIED, "attach"); });
+        !s.ok()) {
       return s;
     }
     config = MakeConfig(d);
@@ -656,6 +675,7 @@ absl::StatusOr<v1::Device> DeviceManager::Attach(const v1::AttachDeviceRequest& 
         absl::StrCat("spec: the worker could not serve this device: ", worker.status().message()));
   }
   entry->worker = std::move(*worker);
+  if (options_.metrics) options_.metrics->WorkerSpawned();
   ApplyWorkerStatusLocked(*entry, entry->worker->initial_status(), "worker started").IgnoreError();
   StartMonitorLocked(*entry);
   return entry->device;

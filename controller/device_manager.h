@@ -15,6 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "blockplane/v1/device.pb.h"
+#include "controller/metrics/controller_metrics.h"
 #include "controller/registry.h"
 #include "controller/worker_process.h"
 #include "controller/xen_toolstack.h"
@@ -34,6 +35,8 @@ struct ManagerOptions {
   std::chrono::milliseconds max_backoff{10000};
   // Host for worker /metrics endpoints ("" disables them); the kernel picks the port.
   std::string metrics_host;
+  // Where spawns, restarts, crashes and registry write latency are counted (null: nowhere).
+  ControllerMetrics* metrics = nullptr;
   // Xen toolstack role (see ControllerOptions): "none", "host" or "emulated".
   std::string xen_platform = "none";
   std::string xen_run_dir;
@@ -140,6 +143,7 @@ class DeviceManager {
                                                internal::ControlRequest request,
                                                Clock::time_point deadline);
   internal::WorkerConfig MakeConfig(const v1::Device& device) const;
+  absl::Status TimedRegistryWrite(const std::function<absl::Status()>& write);
   std::string ControlSocketPath(const std::string& device_id) const;
   void Wake(Entry& entry);
   void RunMonitor(Entry* entry);

@@ -2,6 +2,11 @@
 
 #include <civetweb.h>
 
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+
 #include "absl/strings/numbers.h"
 #include "gtest/gtest.h"
 
@@ -91,6 +96,103 @@ std::string HttpGet(const std::string& host_port, const std::string& path) {
   mg_close_connection(conn);
   EXPECT_EQ(status, 200) << "GET http://" << host_port << path << ": " << body;
   return body;
+}
+
+}  // namespace blockplane::testing
+
+namespace blockplane::testing {
+
+std::vector<Sample> ParseExposition(const std::string& text) {
+  std::vector<Sample> out;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t end = text.find('\n', pos);
+    if (end == std::string::npos) end = text.size();
+    std::string line = text.substr(pos, end - pos);
+    pos = end + 1;
+    if (line.empty() || line[0] == '#') continue;
+    Sample s;
+    size_t i = line.find_first_of("{ ");
+    s.name = line.substr(0, i);
+    if (i != std::string::npos && line[i] == '{') {
+      ++i;
+      while (i < line.size() && line[i] != '}') {
+        size_t eq = line.find('=', i);
+        std::string key = line.substr(i, eq - i);
+        size_t q = eq + 2;  // after ="
+        std::string value;
+        while (q < line.size() && line[q] != '"') {
+          if (line[q] == '\\' && q + 1 < line.size()) ++q;
+          value += line[q++];
+        }
+        s.labels[key] = value;
+        i = q + 1;
+        if (i < line.size() && line[i] == ',') ++i;
+      }
+      ++i;
+    }
+    std::string value = line.substr(line.find_first_not_of(' ', i));
+    value = value.substr(0, value.find(' '));  // drop a timestamp
+    s.value = value == "+Inf" ? HUGE_VAL : std::strtod(value.c_str(), nullptr);
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+double ValueOf(const std::vector<Sample>& samples, const std::string& name,
+               const std::map<std::string, std::string>& labels) {
+  const Sample* found = nullptr;
+  int matches = 0;
+  for (const Sample& s : samples) {
+    if (s.name != name) continue;
+    bool all = true;
+    for (const auto& [k, v] : labels) {
+      auto it = s.labels.find(k);
+      if (it == s.labels.end() || it->second != v) all = false;
+    }
+    if (all) {
+      found = &s;
+      ++matches;
+    }
+  }
+  EXPECT_EQ(matches, 1) << name;
+  return matches == 1 ? found->value : -1;
+}
+
+std::string PromtoolCheckMetrics(const std::string& text, const std::string& scratch_dir) {
+  static int n = 0;
+  std::string path = scratch_dir + "/metrics-" + std::to_string(++n) + ".txt";
+  FILE* f = fopen(path.c_str(), "w");
+  EXPECT_NE(f, nullptr) << path;
+  if (!f) return "cannot write " + path;
+  fwrite(text.data(), 1, text.size(), f);
+  fclose(f);
+  CommandResult r =
+      RunCommand({"/bin/sh", "-c", "exec promtool check metrics < '" + path + "' 2>&1"});
+  EXPECT_NE(r.exit_code, 127) << "promtool not found";
+  return r.out + r.err;
+}
+
+}  // namespace blockplane::testing
+
+namespace blockplane::testing {
+
+std::string ControllerMetricsEndpoint(ControllerProcess& controller) {
+  std::string endpoint;
+  WaitFor([&] {
+    std::ifstream in(controller.log_path());
+    std::string line;
+    const std::string marker = "Prometheus service discovery on http://";
+    while (std::getline(in, line)) {
+      size_t at = line.find(marker);
+      if (at == std::string::npos) continue;
+      size_t start = at + marker.size();
+      endpoint = line.substr(start, line.find('/', start) - start);
+      return true;
+    }
+    return false;
+  });
+  return endpoint;
 }
 
 }  // namespace blockplane::testing
