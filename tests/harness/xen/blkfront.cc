@@ -228,7 +228,11 @@ absl::Status Blkfront::ReadBackendFeatures() {
         barrier.status(), secure.status(), granularity.status(), indirect.status()}) {
     if (!status.ok()) return status;
   }
-  std::optional<worker::xen::Protocol> protocol = worker::xen::ParseProtocolName(options_.protocol);
+  // "native" writes no protocol key (as frontends did before the key existed): the backend then
+  // uses its own ABI.
+  std::optional<worker::xen::Protocol> protocol =
+      options_.protocol == "native" ? std::optional(worker::xen::Protocol::kNative)
+                                    : worker::xen::ParseProtocolName(options_.protocol);
   if (!protocol) return absl::InvalidArgumentError("unknown protocol " + options_.protocol);
   protocol_ = *protocol;
   backend_info_.feature_barrier = *barrier != 0;
@@ -308,7 +312,7 @@ absl::Status Blkfront::PublishRing() {
       }
       keys.emplace_back(dir + "/event-channel", std::to_string(queue.event_channel->local_port()));
     }
-    keys.emplace_back(fe + "/protocol", options_.protocol);
+    if (options_.protocol != "native") keys.emplace_back(fe + "/protocol", options_.protocol);
     keys.emplace_back(fe + "/feature-persistent", options_.persistent_grants ? "1" : "0");
     for (const auto& [path, value] : keys) {
       if (absl::Status status = store.Write(path, value, tx); !status.ok()) return status;
@@ -913,6 +917,19 @@ absl::StatusOr<bool> Blkfront::WaitForEvent(int timeout_ms) {
     if (*acked) ++counters_.events_received;
   }
   return true;
+}
+
+std::optional<common::xen::GrantRef> Blkfront::UnusedGrantRef() const {
+  const uint64_t ring_refs = uint64_t{1u << ring_page_order_} * queues_.size();
+  auto in = [](uint64_t ref, uint64_t first, uint64_t count) {
+    return ref >= first && ref < first + count;
+  };
+  for (uint64_t ref = guest_->grant_entries(); ref-- > 0;) {
+    if (in(ref, options_.first_ring_ref, ring_refs)) continue;
+    if (in(ref, first_data_ref_, slot_refs_.size())) continue;
+    return static_cast<common::xen::GrantRef>(ref);
+  }
+  return std::nullopt;
 }
 
 absl::Status Blkfront::BreakRing(uint32_t queue, uint32_t ahead) {

@@ -94,6 +94,7 @@ struct BlkfrontOptions {
   uint32_t devid = 51712;        // xvda
   uint32_t ring_page_order = 0;  // wanted; capped by the backend's max-ring-page-order
   uint32_t num_queues = 1;       // wanted; capped by the backend's multi-queue-max-queues
+  // "x86_64-abi", "x86_32-abi", or "native" (no protocol key: the backend's own ABI).
   std::string protocol = "x86_64-abi";
   bool persistent_grants = true;
   // Wanted indirect segments per request (0: never send BLKIF_OP_INDIRECT); capped by the
@@ -271,6 +272,10 @@ class Blkfront {
   // false on timeout.
   absl::StatusOr<bool> WaitForEvent(int timeout_ms);
   uint32_t in_flight(uint32_t queue) const { return queues_[queue].in_flight; }
+
+  // A ref of the guest's grant table that this frontend never grants (for hostile probes), if
+  // there is one.
+  std::optional<common::xen::GrantRef> UnusedGrantRef() const;
 
   // Hostile: publishes req_prod `ahead` entries past the requests produced and kicks, like a
   // broken frontend. The queue accepts no more requests.

@@ -1,0 +1,580 @@
+// The userspace blkfront's data path (requests, grants, rings, workloads, verify and hostile
+// modes) against ScriptedBlkback, a small test backend serving a RAM image, through the emulated
+// Xen host. Nothing here is timed: every wait is bounded and fails the test when it runs out.
+
+#include <stdint.h>
+#include <sys/wait.h>
+#include <xen/grant_table.h>
+
+#include <cstring>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/xen/xen_platform.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/harness/xen/blkfront.h"
+#include "tests/harness/xen/guest_domain.h"
+#include "tests/harness/xen/scripted_blkback.h"
+#include "tests/harness/xen/test_support.h"
+#include "tests/harness/xen/workload.h"
+#include "tests/harness/xen/xen_host.h"
+#include "worker/xen/blkif_request.h"
+
+namespace blockplane::harness {
+namespace {
+
+using common::xen::CreateEmulatedXenPlatform;
+using common::xen::EmulatedXenOptions;
+using common::xen::GrantRef;
+using common::xen::XenPlatform;
+using ::testing::HasSubstr;
+using worker::xen::InvalidReason;
+
+constexpr common::xen::DomainId kGuest = 3;
+constexpr uint32_t kDevid = 51712;
+constexpr uint32_t kGuestPages = 4096;
+constexpr uint32_t kGuestGrants = 4096;
+
+class BlkfrontIoTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto host = XenHost::Create(XenHostOptions{dir_.path()});
+    ASSERT_TRUE(host.ok()) << host.status();
+    host_ = std::move(*host);
+    ASSERT_TRUE(host_->CreateDomain(kGuest, kGuestPages, kGuestGrants).ok());
+    host_->StartThread();
+    auto dom0 = CreateEmulatedXenPlatform(EmulatedXenOptions{dir_.path(), 0});
+    ASSERT_TRUE(dom0.ok()) << dom0.status();
+    dom0_ = std::move(*dom0);
+    auto guest_platform = CreateEmulatedXenPlatform(EmulatedXenOptions{dir_.path(), kGuest});
+    ASSERT_TRUE(guest_platform.ok()) << guest_platform.status();
+    guest_platform_ = std::move(*guest_platform);
+    auto guest = GuestDomain::Connect(dir_.path(), kGuest);
+    ASSERT_TRUE(guest.ok()) << guest.status();
+    guest_ = std::move(*guest);
+    ASSERT_TRUE(WriteVbdToolstackEntries(dom0_->xenstore(), kGuest, 0, kDevid).ok());
+    paths_ = VbdPathsFor(kGuest, 0, kDevid);
+  }
+  void TearDown() override {
+    front_.reset();
+    backend_.reset();
+    guest_.reset();
+    guest_platform_.reset();
+    dom0_.reset();
+    if (host_) {
+      EXPECT_TRUE(host_->StopThread().ok());
+    }
+  }
+
+  ScriptedBlkbackOptions BackendOptions() {
+    ScriptedBlkbackOptions options;
+    options.dom0 = dom0_.get();
+    options.frontend_domid = kGuest;
+    options.paths = paths_;
+    options.sectors = 4096;  // 2 MiB
+    return options;
+  }
+
+  // Starts the backend, connects a frontend; fails the test on error.
+  void Connect(const ScriptedBlkbackOptions& backend, BlkfrontOptions front) {
+    backend_ = std::make_unique<ScriptedBlkback>(backend);
+    ASSERT_TRUE(backend_->Start().ok());
+    front.devid = kDevid;
+    front_ = std::make_unique<Blkfront>(guest_platform_.get(), guest_.get(), front);
+    absl::Status status = front_->Connect();
+    ASSERT_TRUE(status.ok()) << status;
+  }
+
+  // Disconnects and joins the backend; the report is then final.
+  void Disconnect() {
+    absl::Status closed = front_->Disconnect();
+    backend_->Join();
+    EXPECT_TRUE(closed.ok()) << closed;
+    EXPECT_TRUE(backend_->report().status.ok()) << backend_->report().status;
+    EXPECT_TRUE(backend_->report().closed);
+  }
+
+  // Submits one request on queue `q` and waits for its completion.
+  BlkfrontCompletion RoundTrip(uint32_t q, uint32_t slot, const BlkfrontRequest& request) {
+    absl::Status status = front_->Enqueue(q, slot, request);
+    EXPECT_TRUE(status.ok()) << status;
+    EXPECT_TRUE(front_->Push(q).ok());
+    BlkfrontCompletion completion[1];
+    for (int waits = 0; waits < 100; ++waits) {
+      if (front_->Reap(q, completion) == 1) return completion[0];
+      auto woke = front_->WaitForEvent(10000);
+      EXPECT_TRUE(woke.ok() && *woke) << "no event";
+    }
+    ADD_FAILURE() << "no completion";
+    return {};
+  }
+
+  TempDir dir_;
+  std::unique_ptr<XenHost> host_;
+  std::unique_ptr<XenPlatform> dom0_;
+  std::unique_ptr<XenPlatform> guest_platform_;
+  std::unique_ptr<GuestDomain> guest_;
+  VbdPaths paths_;
+  std::unique_ptr<ScriptedBlkback> backend_;
+  std::unique_ptr<Blkfront> front_;
+};
+
+struct AbiParams {
+  const char* protocol;
+  bool persistent;
+};
+
+class BlkfrontOpsTest : public BlkfrontIoTest, public ::testing::WithParamInterface<AbiParams> {};
+
+// Every operation, byte for byte, in every ABI, with and without persistent grants.
+TEST_P(BlkfrontOpsTest, EveryOperationMovesTheRightBytes) {
+  const AbiParams params = GetParam();
+  BlkfrontOptions options;
+  options.protocol = params.protocol;
+  options.persistent_grants = params.persistent;
+  options.slots_per_queue = 4;
+  options.max_request_bytes = 3 * 4096;
+  Connect(BackendOptions(), options);
+  ASSERT_EQ(front_->persistent_grants(), params.persistent);
+  ASSERT_EQ(std::string(worker::xen::ProtocolName(front_->protocol())),
+            std::string(params.protocol) == "native" ? "native" : params.protocol);
+
+  // A write of 13 sectors starting 3 sectors into the slot's first page (segments: 3..7, 0..7).
+  auto slot = front_->AcquireSlot(0);
+  ASSERT_TRUE(slot);
+  SlotView view = front_->Slot(0, *slot);
+  ASSERT_GE(view.data.size(), 3u * 4096);
+  std::vector<std::byte> payload(13 * 512);
+  for (size_t i = 0; i < payload.size(); ++i) payload[i] = std::byte(i * 7 + 1);
+  std::memset(view.data.data(), 0xcc, view.data.size());
+  std::memcpy(view.data.data() + 3 * 512, payload.data(), payload.size());
+  BlkfrontCompletion done = RoundTrip(0, *slot, {BlkfrontOp::kWrite, 100, 13, 3, false});
+  EXPECT_EQ(done.status, BLKIF_RSP_OKAY);
+  EXPECT_EQ(done.operation, BLKIF_OP_WRITE);
+  if (!params.persistent) {
+    // The response ended the access of every page the request granted.
+    for (GrantRef ref : view.data_refs) EXPECT_EQ(guest_->EntryFlags(ref), 0) << ref;
+  }
+  front_->ReleaseSlot(0, *slot);
+
+  // Read it back at another buffer offset (5), plus one sector on each side.
+  slot = front_->AcquireSlot(0);
+  ASSERT_TRUE(slot);
+  view = front_->Slot(0, *slot);
+  std::memset(view.data.data(), 0xdd, view.data.size());
+  done = RoundTrip(0, *slot, {BlkfrontOp::kRead, 99, 15, 5, false});
+  EXPECT_EQ(done.status, BLKIF_RSP_OKAY);
+  EXPECT_EQ(done.operation, BLKIF_OP_READ);
+  const std::byte* got = view.data.data() + 5 * 512;
+  EXPECT_EQ(got[0], std::byte{0});  // sector 99 was never written
+  EXPECT_EQ(std::memcmp(got + 512, payload.data(), payload.size()), 0);
+  EXPECT_EQ(got[14 * 512], std::byte{0});              // sector 113
+  EXPECT_EQ(view.data[5 * 512 - 1], std::byte{0xdd});  // untouched before the data
+  EXPECT_EQ(view.data[20 * 512], std::byte{0xdd});     // and after it
+  front_->ReleaseSlot(0, *slot);
+
+  // Flush, barrier (a write with ordering), discard, secure discard (not advertised).
+  slot = front_->AcquireSlot(0);
+  ASSERT_TRUE(slot);
+  done = RoundTrip(0, *slot, {BlkfrontOp::kFlush, 0, 0, 0, false});
+  EXPECT_EQ(done.status, BLKIF_RSP_OKAY);
+  EXPECT_EQ(done.operation, BLKIF_OP_FLUSH_DISKCACHE);
+  front_->ReleaseSlot(0, *slot);
+  slot = front_->AcquireSlot(0);
+  view = front_->Slot(0, *slot);
+  std::memset(view.data.data(), 0xab, 512);
+  done = RoundTrip(0, *slot, {BlkfrontOp::kBarrier, 200, 1, 0, false});
+  EXPECT_EQ(done.status, BLKIF_RSP_OKAY);
+  EXPECT_EQ(done.operation, BLKIF_OP_WRITE_BARRIER);
+  front_->ReleaseSlot(0, *slot);
+  slot = front_->AcquireSlot(0);
+  done = RoundTrip(0, *slot, {BlkfrontOp::kDiscard, 104, 4, 0, false});
+  EXPECT_EQ(done.status, BLKIF_RSP_OKAY);
+  EXPECT_EQ(done.operation, BLKIF_OP_DISCARD);
+  front_->ReleaseSlot(0, *slot);
+  slot = front_->AcquireSlot(0);
+  done = RoundTrip(0, *slot, {BlkfrontOp::kDiscard, 104, 4, 0, true});
+  EXPECT_EQ(done.status, BLKIF_RSP_EOPNOTSUPP);
+  front_->ReleaseSlot(0, *slot);
+
+  Disconnect();
+  const ScriptedBlkbackReport& report = backend_->report();
+  EXPECT_EQ(report.protocol, params.protocol);
+  EXPECT_EQ(report.invalid_total, 0u);
+  EXPECT_EQ(report.ops[BLKIF_OP_WRITE], 1u);
+  EXPECT_EQ(report.ops[BLKIF_OP_READ], 1u);
+  EXPECT_EQ(report.ops[BLKIF_OP_FLUSH_DISKCACHE], 1u);
+  EXPECT_EQ(report.ops[BLKIF_OP_WRITE_BARRIER], 1u);
+  EXPECT_EQ(report.ops[BLKIF_OP_DISCARD], 1u);
+  EXPECT_EQ(report.secure_discards_refused, 1u);
+  EXPECT_EQ(report.frontend_persistent, params.persistent);
+  EXPECT_EQ(report.persistent_refs.empty(), !params.persistent);
+  const std::vector<std::byte>& image = backend_->image();
+  EXPECT_EQ(std::memcmp(image.data() + 100 * 512, payload.data(), 4 * 512), 0);
+  for (size_t i = 104 * 512; i < 108 * 512; ++i)
+    ASSERT_EQ(image[i], std::byte{0}) << i;  // discarded
+  EXPECT_EQ(std::memcmp(image.data() + 108 * 512, payload.data() + 8 * 512, 5 * 512), 0);
+  EXPECT_EQ(image[200 * 512], std::byte{0xab});
+  EXPECT_EQ(front_->counters().bogus_responses, 0u);
+  EXPECT_EQ(front_->counters().grants_still_mapped, 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(AbisAndGrants, BlkfrontOpsTest,
+                         ::testing::Values(AbiParams{"native", true}, AbiParams{"native", false},
+                                           AbiParams{"x86_32-abi", true},
+                                           AbiParams{"x86_32-abi", false},
+                                           AbiParams{"x86_64-abi", true},
+                                           AbiParams{"x86_64-abi", false}),
+                         [](const ::testing::TestParamInfo<AbiParams>& info) {
+                           std::string name = info.param.protocol;
+                           for (char& c : name) {
+                             if (c == '-') c = '_';
+                           }
+                           return name + (info.param.persistent ? "_persistent" : "_mapped");
+                         });
+
+TEST_F(BlkfrontIoTest, RequestsThatDoNotFitAreRefusedByTheFrontend) {
+  BlkfrontOptions options;
+  options.slots_per_queue = 2;
+  Connect(BackendOptions(), options);
+  ASSERT_EQ(front_->indirect_segments(), 0u);  // not advertised
+  auto slot = front_->AcquireSlot(0);
+  ASSERT_TRUE(slot);
+  // 11 pages fit, 12 would need indirect segments.
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      front_->Enqueue(0, *slot, {BlkfrontOp::kRead, 0, 11 * 8 + 1, 0, false})));
+  EXPECT_TRUE(
+      absl::IsInvalidArgument(front_->Enqueue(0, *slot, {BlkfrontOp::kRead, 0, 0, 0, false})));
+  EXPECT_TRUE(
+      absl::IsInvalidArgument(front_->Enqueue(0, *slot, {BlkfrontOp::kRead, 0, 1, 8, false})));
+  EXPECT_TRUE(absl::IsFailedPrecondition(
+      front_->Enqueue(0, *slot + 1 < 2 ? *slot + 1 : 0, {BlkfrontOp::kRead, 0, 1, 0, false})));
+  EXPECT_EQ(front_->counters().requests, 0u);
+  front_->ReleaseSlot(0, *slot);
+  Disconnect();
+}
+
+// Requests above 11 pages go out indirect; their data lands where it should.
+TEST_F(BlkfrontIoTest, IndirectRequestsCarryLargeBlocks) {
+  ScriptedBlkbackOptions backend = BackendOptions();
+  backend.max_indirect_segments = 64;
+  BlkfrontOptions options;
+  options.max_indirect_segments = 32;
+  options.max_request_bytes = 128 * 1024;
+  options.slots_per_queue = 8;
+  options.persistent_grants = false;
+  Connect(backend, options);
+  ASSERT_EQ(front_->indirect_segments(), 32u);
+  ASSERT_EQ(front_->indirect_pages_per_slot(), 1u);
+  WorkloadOptions workload;
+  workload.read_percent = 50;
+  workload.block_bytes = 128 * 1024;
+  workload.iodepth = 8;
+  workload.ops = 200;
+  workload.verify = true;
+  workload.assume_zeroed = true;
+  auto result = RunWorkload(*front_, workload);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->reads + result->writes, 200u);
+  EXPECT_EQ(result->total_errors(), 0u) << result->ToJson(*front_);
+  EXPECT_EQ(result->verify_failures, 0u);
+  EXPECT_GT(result->sectors_verified, 0u);
+  EXPECT_EQ(front_->counters().indirect_requests, 200u);
+  Disconnect();
+  EXPECT_EQ(backend_->report().indirect_requests, 200u);
+  EXPECT_EQ(backend_->report().max_segments_seen, 32u);
+  EXPECT_EQ(backend_->report().invalid_total, 0u);
+}
+
+struct TopologyParams {
+  uint32_t order;
+  uint32_t queues;
+  bool persistent;
+  const char* protocol;
+};
+
+class BlkfrontTopologyTest : public BlkfrontIoTest,
+                             public ::testing::WithParamInterface<TopologyParams> {};
+
+// A verified random mix over multi-page rings and several queues: every queue carries requests,
+// the queue depth exceeds one page's ring, and every read matches the last write.
+TEST_P(BlkfrontTopologyTest, VerifiedMixSpreadsOverQueues) {
+  const TopologyParams params = GetParam();
+  ScriptedBlkbackOptions backend = BackendOptions();
+  backend.max_ring_page_order = 2;
+  backend.max_queues = 4;
+  BlkfrontOptions options;
+  options.ring_page_order = params.order;
+  options.num_queues = params.queues;
+  options.persistent_grants = params.persistent;
+  options.protocol = params.protocol;
+  options.max_request_bytes = 8192;
+  Connect(backend, options);
+  ASSERT_EQ(front_->num_queues(), params.queues);
+  ASSERT_EQ(front_->ring_page_order(), params.order);
+  WorkloadOptions workload;
+  workload.read_percent = 60;
+  workload.block_bytes = 8192;
+  workload.iodepth = 48;
+  workload.ops = 3000;
+  workload.flush_every = 10;
+  workload.discard_every = 25;
+  workload.sectors = 1024;  // small region: reads often land on written blocks
+  workload.verify = true;
+  workload.assume_zeroed = true;
+  auto result = RunWorkload(*front_, workload);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->reads + result->writes, 3000u);
+  EXPECT_EQ(result->flushes, 300u);
+  EXPECT_EQ(result->discards, 120u);
+  EXPECT_EQ(result->total_errors(), 0u) << result->ToJson(*front_);
+  EXPECT_EQ(result->verify_failures, 0u) << result->ToJson(*front_);
+  EXPECT_GT(result->sectors_verified, 1000u);
+  EXPECT_TRUE(result->ok());
+  const BlkfrontCounters counters = front_->counters();
+  EXPECT_EQ(counters.requests, counters.responses);
+  EXPECT_LE(counters.notifications_sent, counters.pushes);
+  Disconnect();
+  const ScriptedBlkbackReport& report = backend_->report();
+  ASSERT_EQ(report.requests_per_queue.size(), params.queues);
+  for (uint64_t n : report.requests_per_queue) EXPECT_GT(n, 0u);
+  EXPECT_EQ(report.ring_page_order, params.order);
+  if (params.persistent) {
+    // The pool is granted once: the backend maps each ref once, and never more refs than slots.
+    EXPECT_EQ(report.grant_maps, report.persistent_refs.size());
+    EXPECT_LE(report.persistent_refs.size(),
+              size_t{front_->slots_per_queue()} * params.queues * front_->data_pages_per_slot());
+  } else {
+    EXPECT_TRUE(report.persistent_refs.empty());
+    EXPECT_GE(report.grant_maps, 3000u);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(RingsAndQueues, BlkfrontTopologyTest,
+                         ::testing::Values(TopologyParams{0, 1, true, "x86_64-abi"},
+                                           TopologyParams{2, 1, false, "x86_32-abi"},
+                                           TopologyParams{1, 4, true, "native"},
+                                           TopologyParams{2, 4, false, "x86_64-abi"}));
+
+// The fake backend flips a byte of sector 100 in every read: verify mode must say so, and name
+// the sector.
+TEST_F(BlkfrontIoTest, VerifyReportsACorruptedSector) {
+  ScriptedBlkbackOptions backend = BackendOptions();
+  backend.corrupt_read_sector = 100;
+  BlkfrontOptions options;
+  options.slots_per_queue = 4;
+  options.max_request_bytes = 4096;
+  Connect(backend, options);
+  WorkloadOptions workload;
+  workload.random = false;
+  workload.read_percent = 50;
+  workload.first_sector = 96;
+  workload.sectors = 8;  // one block, holding sector 100
+  workload.iodepth = 2;
+  workload.ops = 64;
+  workload.verify = true;
+  auto result = RunWorkload(*front_, workload);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_GT(result->reads, 0u);
+  EXPECT_GT(result->verify_failures, 0u);
+  EXPECT_FALSE(result->ok());
+  ASSERT_FALSE(result->mismatches.empty());
+  EXPECT_EQ(result->mismatches[0].sector, 100u);
+  EXPECT_EQ(result->mismatches[0].reason, "checksum");
+  for (const VerifyMismatch& m : result->mismatches) EXPECT_EQ(m.sector, 100u);
+  // Exactly one bad sector per read that was checked against a write.
+  EXPECT_EQ(result->verify_failures * 8, result->sectors_verified);
+  EXPECT_THAT(result->ToJson(*front_), HasSubstr("\"reason\":\"checksum\""));
+  EXPECT_THAT(result->ToJson(*front_), HasSubstr("\"ok\":false"));
+  Disconnect();
+  EXPECT_EQ(backend_->report().corrupted_reads, result->reads);
+}
+
+TEST_F(BlkfrontIoTest, VerifyPassesWithoutCorruption) {
+  BlkfrontOptions options;
+  options.slots_per_queue = 4;
+  options.max_request_bytes = 4096;
+  Connect(BackendOptions(), options);
+  WorkloadOptions workload;
+  workload.random = false;
+  workload.read_percent = 50;
+  workload.first_sector = 96;
+  workload.sectors = 8;
+  workload.iodepth = 2;
+  workload.ops = 64;
+  workload.verify = true;
+  auto result = RunWorkload(*front_, workload);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_GT(result->sectors_verified, 0u);
+  EXPECT_EQ(result->verify_failures, 0u);
+  EXPECT_TRUE(result->ok());
+  Disconnect();
+}
+
+TEST(VerifyFormatTest, DetectsEachKindOfDamage) {
+  std::byte sector[512];
+  uint32_t found = 0;
+  FillVerifySector(sector, 77, 5);
+  EXPECT_EQ(CheckVerifySector(sector, 77, 5, &found), "");
+  EXPECT_EQ(found, 5u);
+  EXPECT_EQ(CheckVerifySector(sector, 78, 5, &found), "wrong_lba");
+  EXPECT_EQ(CheckVerifySector(sector, 77, 6, &found), "stale_generation");
+  EXPECT_EQ(CheckVerifySector(sector, 77, 0, &found), "not_zero");
+  sector[300] ^= std::byte{1};
+  EXPECT_EQ(CheckVerifySector(sector, 77, 5, &found), "checksum");
+  std::memset(sector, 0, sizeof(sector));
+  EXPECT_EQ(CheckVerifySector(sector, 77, 0, &found), "");
+  EXPECT_EQ(CheckVerifySector(sector, 77, 5, &found), "bad_magic");
+}
+
+TEST(LatencyHistogramTest, QuantilesAreWithinOneBucket) {
+  LatencyHistogram h;
+  for (uint64_t i = 1; i <= 1000; ++i) h.Record(i * 1000);  // 1..1000 us
+  EXPECT_EQ(h.count(), 1000u);
+  auto near = [](uint64_t got, uint64_t want) { return got >= want && got <= want + want / 8; };
+  EXPECT_TRUE(near(h.Quantile(0.5), 500000)) << h.Quantile(0.5);
+  EXPECT_TRUE(near(h.Quantile(0.99), 990000)) << h.Quantile(0.99);
+  EXPECT_EQ(h.Quantile(1.0), 1000000u);
+}
+
+struct HostileParams {
+  bool read_only;
+  bool persistent;
+  const char* protocol;
+  uint32_t indirect;
+};
+
+class BlkfrontHostileTest : public BlkfrontIoTest,
+                            public ::testing::WithParamInterface<HostileParams> {};
+
+// Every malformed kind is sent, each is refused with the right status, the good requests around
+// them complete with the right data, and breaking one queue leaves the other serving.
+TEST_P(BlkfrontHostileTest, EveryMalformedRequestIsRefused) {
+  const HostileParams params = GetParam();
+  ScriptedBlkbackOptions backend = BackendOptions();
+  backend.read_only = params.read_only;
+  backend.max_queues = 2;
+  backend.max_indirect_segments = params.indirect;
+  BlkfrontOptions options;
+  options.num_queues = 2;
+  options.slots_per_queue = 4;
+  options.persistent_grants = params.persistent;
+  options.protocol = params.protocol;
+  options.max_indirect_segments = params.indirect;
+  options.max_request_bytes = 8192;
+  Connect(backend, options);
+  WorkloadResult result;
+  HostileOptions hostile;
+  hostile.good_sector = 64;
+  absl::Status status = RunHostile(*front_, hostile, result);
+  ASSERT_TRUE(status.ok()) << status << "\n" << result.ToJson(*front_);
+  std::set<std::string> kinds;
+  for (const HostileCheck& check : result.hostile) {
+    kinds.insert(check.kind);
+    if (check.skipped) continue;
+    EXPECT_TRUE(check.passed) << check.kind << ": " << check.detail;
+  }
+  for (const char* kind :
+       {"unknown_operation", "nr_segments_0", "nr_segments_12", "first_sect_after_last_sect",
+        "last_sect_8", "sector_range_past_end", "sector_range_overflow",
+        "write_to_read_only_device", "indirect_too_many_segments", "indirect_zero_segments",
+        "indirect_bad_operation", "indirect_bad_page_ref", "indirect_bad_page_count",
+        "indirect_bad_descriptor", "discard_out_of_range", "bad_grant_ref_out_of_table",
+        "bad_grant_ref_not_granted", "req_prod_far_ahead"}) {
+    EXPECT_EQ(kinds.count(kind), 1u) << kind;
+  }
+  const uint64_t skipped = params.read_only ? 0 : 1;  // write_to_read_only_device
+  EXPECT_EQ(result.invalid_checks_passed, result.hostile.size() - skipped);
+  EXPECT_EQ(result.invalid_checks_failed, 0u);
+  EXPECT_TRUE(result.ok());
+  EXPECT_EQ(result.verify_failures, 0u);
+  EXPECT_EQ(result.total_errors(), 0u) << result.ToJson(*front_);
+  if (!params.read_only) {
+    EXPECT_GT(result.sectors_verified, 0u);
+  }
+  Disconnect();
+  const ScriptedBlkbackReport& report = backend_->report();
+  // What the backend saw confirms each request was malformed the intended way.
+  auto invalid = [&](InvalidReason reason) { return report.invalid[static_cast<size_t>(reason)]; };
+  EXPECT_EQ(invalid(InvalidReason::kUnknownOperation), 1u);
+  EXPECT_GE(invalid(InvalidReason::kBadNrSegments), 2u);
+  EXPECT_GE(invalid(InvalidReason::kBadFirstLastSect), 2u);
+  EXPECT_GE(invalid(InvalidReason::kBadSectorRange), 2u);
+  EXPECT_GE(invalid(InvalidReason::kBadIndirect), 1u);
+  EXPECT_EQ(invalid(InvalidReason::kReadOnlyWrite) > 0, params.read_only);
+  EXPECT_GE(report.grant_map_failures, 2u);  // the two bad refs
+  EXPECT_EQ(report.broken_queues, 1u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, BlkfrontHostileTest,
+                         ::testing::Values(HostileParams{false, true, "x86_64-abi", 32},
+                                           HostileParams{true, false, "x86_32-abi", 32},
+                                           HostileParams{false, false, "native", 0}));
+
+#ifdef BP_BLKFRONT_PATH
+// The CLI: runs as its own process against this test's emulated host and scripted backend,
+// prints one JSON object, and its exit code says whether verification passed.
+class BlkfrontCliTest : public BlkfrontIoTest {
+ protected:
+  CommandResult RunCli(std::vector<std::string> extra) {
+    std::vector<std::string> argv = {BP_BLKFRONT_PATH,       "--run-dir", dir_.path(), "--domid",
+                                     std::to_string(kGuest), "--vdev",    "xvda"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    return RunXenstoreTool(argv, dir_.path() + "/xenstored", 60000);
+  }
+};
+
+TEST_F(BlkfrontCliTest, VerifiedRunPrintsJsonAndSucceeds) {
+  backend_ = std::make_unique<ScriptedBlkback>(BackendOptions());
+  ASSERT_TRUE(backend_->Start().ok());
+  CommandResult run =
+      RunCli({"--workload", "randrw", "--bs", "4096", "--iodepth", "8", "--ops", "500", "--verify",
+              "--flush-every", "50", "--protocol", "x86_32-abi", "--persistent-grants", "off"});
+  backend_->Join();
+  EXPECT_EQ(run.exit_code, 0) << run.err;
+  EXPECT_THAT(run.out, HasSubstr("\"ops\":510"));
+  EXPECT_THAT(run.out, HasSubstr("\"protocol\":\"x86_32-abi\""));
+  EXPECT_THAT(run.out, HasSubstr("\"persistent_grants\":false"));
+  EXPECT_THAT(run.out, HasSubstr("\"failures\":0"));
+  EXPECT_THAT(run.out, HasSubstr("\"ok\":true"));
+  EXPECT_TRUE(backend_->report().closed);
+}
+
+TEST_F(BlkfrontCliTest, CorruptionFailsTheRun) {
+  ScriptedBlkbackOptions backend = BackendOptions();
+  backend.corrupt_read_sector = 8;
+  backend_ = std::make_unique<ScriptedBlkback>(backend);
+  ASSERT_TRUE(backend_->Start().ok());
+  CommandResult run =
+      RunCli({"--workload", "seqwrite", "--bs", "4096", "--ops", "4", "--verify", "--then-read"});
+  backend_->Join();
+  EXPECT_EQ(run.exit_code, 1) << run.out << run.err;
+  EXPECT_THAT(run.out, HasSubstr("\"sector\":8"));
+  EXPECT_THAT(run.out, HasSubstr("\"ok\":false"));
+}
+
+TEST_F(BlkfrontCliTest, HostileRunPasses) {
+  ScriptedBlkbackOptions backend = BackendOptions();
+  backend.max_queues = 2;
+  backend.max_indirect_segments = 32;
+  backend_ = std::make_unique<ScriptedBlkback>(backend);
+  ASSERT_TRUE(backend_->Start().ok());
+  CommandResult run = RunCli({"--queues", "2", "--indirect", "32", "--hostile"});
+  backend_->Join();
+  EXPECT_EQ(run.exit_code, 0) << run.out << run.err;
+  EXPECT_THAT(run.out, HasSubstr("\"failed\":0"));
+  EXPECT_THAT(run.out, HasSubstr("\"kind\":\"req_prod_far_ahead\""));
+}
+
+TEST_F(BlkfrontCliTest, BadFlagsAreRejected) {
+  CommandResult run = RunCli({"--workload", "sideways"});
+  EXPECT_EQ(run.exit_code, 2);
+  EXPECT_THAT(run.err, HasSubstr("--workload"));
+}
+#endif
+
+}  // namespace
+}  // namespace blockplane::harness
