@@ -209,6 +209,12 @@ absl::Status ScriptedBlkback::Serve() {
       return absl::InternalError("poll");
     }
     if (fds[0].revents) return absl::OkStatus();  // Stop()
+    // Requests kicked before a state change are served first (the frontend saw them go out).
+    for (size_t i = 0; i < queues_.size(); ++i) {
+      if (fds[2 + i].revents == 0) continue;
+      (void)queues_[i]->channel->Ack();
+      ProcessQueue(*queues_[i]);
+    }
     if (fds[1].revents) {
       if (auto events = store.ReadWatchEvents(); !events.ok()) return events.status();
       auto state = ReadXenbusState(store, state_path);
@@ -217,11 +223,6 @@ absl::Status ScriptedBlkback::Serve() {
         (void)store.Unwatch(state_path, kWatchToken);
         return CloseSequence();
       }
-    }
-    for (size_t i = 0; i < queues_.size(); ++i) {
-      if (fds[2 + i].revents == 0) continue;
-      (void)queues_[i]->channel->Ack();
-      ProcessQueue(*queues_[i]);
     }
   }
 }

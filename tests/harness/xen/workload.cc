@@ -203,6 +203,7 @@ std::string WorkloadResult::ToJson(const Blkfront& front) const {
   j += ",\"discards\":" + std::to_string(discards);
   j += ",\"bytes\":{\"read\":" + std::to_string(bytes_read) +
        ",\"write\":" + std::to_string(bytes_written) + "}";
+  j += ",\"iodepth\":" + std::to_string(iodepth);
   j += ",\"elapsed_s\":" + JsonDouble(seconds);
   j += ",\"iops\":" + JsonDouble(iops);
   j += ",\"latency_us\":{\"p50\":" + us(latency.Quantile(0.5)) +
@@ -453,6 +454,7 @@ absl::Status WorkloadRunner::Run() {
   const uint32_t queues = front_.num_queues();
   const uint32_t slots = front_.slots_per_queue();
   iodepth_ = std::clamp<uint32_t>(options_.iodepth, 1, queues * slots);
+  result_.iodepth = iodepth_;
   in_flight_.assign(size_t{queues} * slots, InFlight{});
   if (options_.verify) {
     generations_.assign(region_sectors_, 0);

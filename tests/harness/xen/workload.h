@@ -99,6 +99,7 @@ struct WorkloadResult {
   uint64_t bytes_read = 0;
   uint64_t bytes_written = 0;
   uint64_t elapsed_ns = 0;
+  uint32_t iodepth = 0;      // effective: capped by the slots of all queues
   LatencyHistogram latency;  // data ops, flushes and discards
   // Error responses to well-formed requests, by kind: "read_error", "write_error",
   // "flush_eopnotsupp", ... plus "bogus_response", "grants_still_mapped".

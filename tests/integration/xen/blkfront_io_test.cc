@@ -414,6 +414,77 @@ TEST_F(BlkfrontIoTest, VerifyPassesWithoutCorruption) {
   Disconnect();
 }
 
+// RING_PUSH_REQUESTS_AND_CHECK_NOTIFY and RING_FINAL_CHECK_FOR_RESPONSES, observed on the shared
+// page: the frontend kicks only when req_event falls inside the pushed batch, and asks for a kick
+// on the next response (rsp_event = rsp_cons + 1) when it runs out of responses. The backend is
+// stopped first so that only the test moves the backend's words.
+TEST_F(BlkfrontIoTest, NotificationsFollowTheRingIndices) {
+  BlkfrontOptions options;
+  options.slots_per_queue = 8;
+  options.max_request_bytes = 4096;
+  options.timeout_ms = 200;
+  Connect(BackendOptions(), options);
+  backend_->Stop();
+  backend_->Join();
+  auto* sring = reinterpret_cast<blkif_sring*>(front_->queues()[0].ring);
+  auto enqueue_read = [&] {
+    auto slot = front_->AcquireSlot(0);
+    ASSERT_TRUE(slot);
+    ASSERT_TRUE(front_->Enqueue(0, *slot, {BlkfrontOp::kRead, 0, 8, 0, false}).ok());
+  };
+  ASSERT_EQ(sring->req_prod, 0u);
+  sring->req_event = 5;  // the backend wants a kick once request 5 (index 4) is there
+  enqueue_read();
+  enqueue_read();
+  auto kicked = front_->Push(0);  // req_prod 0 -> 2: event 5 not reached
+  ASSERT_TRUE(kicked.ok());
+  EXPECT_FALSE(*kicked);
+  EXPECT_EQ(sring->req_prod, 2u);
+  EXPECT_FALSE(*front_->Push(0));  // nothing new: no push, no kick
+  enqueue_read();
+  enqueue_read();
+  enqueue_read();
+  kicked = front_->Push(0);  // 2 -> 5: crosses the event
+  ASSERT_TRUE(kicked.ok());
+  EXPECT_TRUE(*kicked);
+  EXPECT_EQ(front_->counters().notifications_sent, 1u);
+  EXPECT_EQ(front_->counters().pushes, 2u);
+
+  // No responses yet: Reap finds none and asks for a kick on the first.
+  BlkfrontCompletion out[8];
+  EXPECT_EQ(front_->Reap(0, out), 0u);
+  EXPECT_EQ(sring->rsp_event, 1u);
+  // Play the backend: answer the first two requests (their ids are in the slots).
+  const uint64_t first_id = [&] {
+    blkif_request request;
+    std::memcpy(&request, &sring->ring[0], sizeof(request));
+    return request.id;
+  }();
+  for (int i = 0; i < 2; ++i) {
+    blkif_request request;
+    std::memcpy(&request, &sring->ring[i], sizeof(request));
+    blkif_response response{};
+    response.id = request.id;
+    response.operation = BLKIF_OP_READ;
+    response.status = BLKIF_RSP_OKAY;
+    std::memcpy(&sring->ring[i], &response, sizeof(response));
+  }
+  __atomic_store_n(&sring->rsp_prod, 2u, __ATOMIC_RELEASE);
+  ASSERT_EQ(front_->Reap(0, out), 2u);
+  EXPECT_EQ(out[0].status, BLKIF_RSP_OKAY);
+  EXPECT_EQ(out[0].slot, static_cast<uint32_t>(first_id & 0xffff));
+  EXPECT_EQ(sring->rsp_event, 3u);  // next kick wanted for response 3
+  EXPECT_EQ(front_->in_flight(0), 3u);
+  // A response with an id no request has is dropped and counted.
+  blkif_response bogus{};
+  bogus.id = first_id;  // already completed
+  std::memcpy(&sring->ring[2], &bogus, sizeof(bogus));
+  __atomic_store_n(&sring->rsp_prod, 3u, __ATOMIC_RELEASE);
+  EXPECT_EQ(front_->Reap(0, out), 0u);
+  EXPECT_EQ(front_->counters().bogus_responses, 1u);
+  EXPECT_EQ(front_->in_flight(0), 3u);
+}
+
 TEST(VerifyFormatTest, DetectsEachKindOfDamage) {
   std::byte sector[512];
   uint32_t found = 0;
