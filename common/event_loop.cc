@@ -325,6 +325,7 @@ io_uring_sqe* EventLoop::GetSqe() {
       counters_.sqes_submitted += r;
     }
     pending_sqes_ = io_uring_sq_ready(&ring_->ring);
+    pending_io_sqes_ = 0;
     sqe = io_uring_get_sqe(&ring_->ring);
     if (sqe == nullptr) return nullptr;
   }
@@ -334,6 +335,19 @@ io_uring_sqe* EventLoop::GetSqe() {
 
 void EventLoop::CommitSqe(io_uring_sqe* sqe, CompletionHandler* handler) {
   io_uring_sqe_set_data(sqe, handler);
+}
+
+void EventLoop::CommitIoSqe(io_uring_sqe* sqe, CompletionHandler* handler) {
+  io_uring_sqe_set_data(sqe, handler);
+  if (options_.io_submit_batch == 0 || ++pending_io_sqes_ < options_.io_submit_batch) return;
+  int r = io_uring_submit(&ring_->ring);
+  if (r > 0) {
+    ++counters_.submit_calls;
+    ++counters_.early_io_submits;
+    counters_.sqes_submitted += r;
+  }
+  pending_sqes_ = io_uring_sq_ready(&ring_->ring);
+  pending_io_sqes_ = 0;
 }
 
 bool EventLoop::SubmitNop(CompletionHandler* handler) {
@@ -438,6 +452,7 @@ void EventLoop::RunOnce(bool block) {
     }
     (void)r;  // -ETIME (timer due) and -EINTR just start the next pass
     pending_sqes_ = 0;
+    pending_io_sqes_ = 0;
   } else if (io_uring_sq_ready(&ring_->ring) > 0) {
     int r = io_uring_submit(&ring_->ring);
     if (r > 0) {
@@ -445,6 +460,7 @@ void EventLoop::RunOnce(bool block) {
       counters_.sqes_submitted += r;
     }
     pending_sqes_ = 0;
+    pending_io_sqes_ = 0;
   }
 }
 

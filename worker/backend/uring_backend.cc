@@ -269,7 +269,7 @@ void UringBackend::Submit(Op* op) {
       break;  // never submitted to the ring
   }
   if (file_slot_ >= 0) sqe->flags |= IOSQE_FIXED_FILE;
-  loop_->CommitSqe(sqe, op);
+  loop_->CommitIoSqe(sqe, op);
 }
 
 void UringBackend::SubmitQueued() {

@@ -7,6 +7,7 @@
 //   dataplane_bench block-null --qd 32 --seconds 5 [--poll-us 0]
 //       BlockDevice + NullBackend, 4 KiB reads at queue depth 32 on one EventLoop.
 //   dataplane_bench randread --file F --qd 32 --seconds 5 [--buffered] [--no-block-layer]
+//                            [--io-batch K]   (EventLoop::Options::io_submit_batch; 0 = per pass)
 //       4 KiB random reads over the whole file, through BlockDevice + UringBackend (or the
 //       backend alone), O_DIRECT unless --buffered.
 //
@@ -45,6 +46,7 @@ struct Args {
   int qd = 32;
   double seconds = 5;
   uint32_t poll_us = 0;
+  int io_batch = -1;  // -1: EventLoop default
   std::string file;
   bool buffered = false;
   bool block_layer = true;
@@ -218,6 +220,7 @@ int BlockNull(const Args& args) {
 int RandRead(const Args& args) {
   EventLoop::Options options;
   options.poll_window_us = args.poll_us;
+  if (args.io_batch >= 0) options.io_submit_batch = static_cast<uint32_t>(args.io_batch);
   auto loop = EventLoop::Create(options);
   if (!loop.ok()) return 1;
   worker::UringBackend::Options backend_options;
@@ -255,6 +258,8 @@ int main(int argc, char** argv) {
       args.qd = std::atoi(value());
     } else if (flag == "--seconds") {
       args.seconds = std::atof(value());
+    } else if (flag == "--io-batch") {
+      args.io_batch = std::atoi(value());
     } else if (flag == "--poll-us") {
       args.poll_us = static_cast<uint32_t>(std::atoi(value()));
     } else if (flag == "--file") {

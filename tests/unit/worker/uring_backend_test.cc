@@ -210,6 +210,35 @@ TEST(UringBackendTest, EopnotsuppFromTheKernelWithdrawsWriteZeroes) {
   unlink(name);
 }
 
+TEST(UringBackendTest, DeviceIoIsSubmittedEveryIoSubmitBatchSqes) {
+  common::EventLoop::Options options;
+  options.io_submit_batch = 2;
+  auto created = common::EventLoop::Create(options);
+  ASSERT_TRUE(created.ok());
+  auto loop = std::move(created).value();
+  TempFile file(1 << 20);
+  auto backend = UringBackend::Open(loop.get(), file.path(), {.cache = CacheMode::kNone});
+  ASSERT_TRUE(backend.ok());
+  AlignedBuffer buf(5 * 4096);
+  std::vector<iovec> iovs(5);
+  std::vector<Waiter> waiters(5);
+  const uint64_t before = loop->counters().sqes_submitted;
+  for (int i = 0; i < 5; ++i) {
+    iovs[i] = {buf.data() + 4096 * i, 4096};
+    (*backend)->Read(uint64_t(i) * 4096, &iovs[i], 1, &waiters[i]);
+  }
+  // Two batches of two went to the kernel at once; the fifth waits for the end of the pass.
+  EXPECT_EQ(loop->counters().early_io_submits, 2u);
+  EXPECT_EQ(loop->counters().sqes_submitted - before, 4u);
+  loop->RunUntil([&] {
+    for (auto& w : waiters) {
+      if (!w.done) return false;
+    }
+    return true;
+  });
+  for (auto& w : waiters) EXPECT_EQ(w.result, 0);
+}
+
 TEST(UringBackendTest, OpenMissingFileFails) {
   auto loop = MakeLoop();
   auto backend = UringBackend::Open(loop.get(), "/tmp/blockplane-does-not-exist", {});
