@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "common/event_loop.h"
 #include "common/xen/xen_platform.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -21,6 +22,9 @@
 #include "tests/harness/xen/test_support.h"
 #include "tests/harness/xen/workload.h"
 #include "tests/harness/xen/xen_host.h"
+#include "worker/backend/ram_backend.h"
+#include "worker/block/block_device.h"
+#include "worker/xen/blkif_backend.h"
 #include "worker/xen/blkif_request.h"
 
 namespace blockplane::harness {
@@ -584,6 +588,182 @@ INSTANTIATE_TEST_SUITE_P(Devices, BlkfrontHostileTest,
                          ::testing::Values(HostileParams{false, true, "x86_64-abi", 32},
                                            HostileParams{true, false, "x86_32-abi", 32},
                                            HostileParams{false, false, "native", 0}));
+
+// The same frontend against the worker's blkif backend (worker/xen/blkif_backend) over a RAM
+// block device, in this process: the backend on its own event-loop thread, the frontend on the
+// test thread. Checks that the two sides agree on every ABI, indirect segments, persistent
+// grants, multi-page rings, queues, and on the answers to malformed requests.
+class ProductBackendTest : public BlkfrontIoTest {
+ protected:
+  void StartBackend(worker::xen::BlkifBackendOptions options, bool read_only) {
+    auto loop = common::EventLoop::Create();
+    ASSERT_TRUE(loop.ok()) << loop.status();
+    loop_ = std::move(*loop);
+    auto platform = CreateEmulatedXenPlatform(EmulatedXenOptions{dir_.path(), 0});
+    ASSERT_TRUE(platform.ok()) << platform.status();
+    backend_platform_ = std::move(*platform);
+    worker::RamBackend::Options ram;
+    ram.capacity = 4096 * 512;
+    ram.limits.discard_granularity = 512;
+    worker::BlockDeviceOptions device_options;
+    device_options.read_only = read_only;
+    device_options.discard = worker::DiscardMode::kUnmap;
+    auto device = worker::BlockDevice::Create(
+        loop_.get(), std::make_unique<worker::RamBackend>(loop_.get(), ram), device_options);
+    ASSERT_TRUE(device.ok()) << device.status();
+    device_ = std::move(*device);
+    options.frontend_domid = kGuest;
+    options.devid = kDevid;
+    options.backend_path = paths_.backend;
+    blkback_ = std::make_unique<worker::xen::BlkifBackend>(loop_.get(), backend_platform_.get(),
+                                                           device_.get(), options,
+                                                           worker::xen::BlkifBackend::Callbacks{});
+    // Started before the loop thread exists, so still single-threaded.
+    absl::Status started = blkback_->Start();
+    ASSERT_TRUE(started.ok()) << started;
+    loop_thread_ = std::thread([this] { loop_->Run(); });
+  }
+
+  void ConnectFront(BlkfrontOptions options) {
+    options.devid = kDevid;
+    front_ = std::make_unique<Blkfront>(guest_platform_.get(), guest_.get(), options);
+    absl::Status status = front_->Connect();
+    ASSERT_TRUE(status.ok()) << status;
+  }
+
+  // Disconnects the frontend (if still connected), then destroys the backend on its loop thread
+  // and stops the loop; stats_ keeps the backend's last counters. Idempotent.
+  void StopBackend() {
+    if (front_) {
+      absl::Status closed = front_->Disconnect();
+      EXPECT_TRUE(closed.ok()) << closed;
+      front_.reset();
+    }
+    if (loop_thread_.joinable()) {
+      loop_->Post([this] {
+        stats_ = blkback_->Stats();
+        blkback_.reset();
+        device_.reset();
+        loop_->Stop();
+      });
+      loop_thread_.join();
+    }
+    backend_platform_.reset();
+  }
+
+  void TearDown() override {
+    StopBackend();
+    BlkfrontIoTest::TearDown();
+  }
+
+  std::unique_ptr<common::EventLoop> loop_;
+  std::unique_ptr<XenPlatform> backend_platform_;
+  std::unique_ptr<worker::BlockDevice> device_;
+  std::unique_ptr<worker::xen::BlkifBackend> blkback_;
+  std::thread loop_thread_;
+  worker::xen::BlkifBackendStats stats_;
+};
+
+struct ProductParams {
+  const char* protocol;
+  bool persistent;
+  uint32_t order;
+  uint32_t queues;
+  uint32_t indirect;
+  uint32_t block_bytes;
+};
+
+class ProductBackendWorkloadTest : public ProductBackendTest,
+                                   public ::testing::WithParamInterface<ProductParams> {};
+
+TEST_P(ProductBackendWorkloadTest, VerifiedMixCompletes) {
+  const ProductParams params = GetParam();
+  worker::xen::BlkifBackendOptions backend;
+  backend.max_indirect_segments = 64;
+  StartBackend(backend, /*read_only=*/false);
+  BlkfrontOptions options;
+  options.protocol = params.protocol;
+  options.persistent_grants = params.persistent;
+  options.ring_page_order = params.order;
+  options.num_queues = params.queues;
+  options.max_indirect_segments = params.indirect;
+  options.max_request_bytes = params.block_bytes;
+  options.slots_per_queue = 16;
+  ConnectFront(options);
+  ASSERT_EQ(front_->persistent_grants(), params.persistent);
+  WorkloadOptions workload;
+  workload.read_percent = 60;
+  workload.block_bytes = params.block_bytes;
+  workload.iodepth = 16 * params.queues;
+  workload.ops = 2000;
+  workload.flush_every = 20;
+  workload.discard_every = 50;
+  workload.sectors = 2048;
+  workload.verify = true;
+  workload.assume_zeroed = true;
+  workload.read_back = true;
+  auto result = RunWorkload(*front_, workload);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->total_errors(), 0u) << result->ToJson(*front_);
+  EXPECT_EQ(result->verify_failures, 0u) << result->ToJson(*front_);
+  EXPECT_GT(result->sectors_verified, 1000u);
+  EXPECT_EQ(result->flushes, 100u);
+  EXPECT_EQ(result->discards, 40u);
+  if (params.block_bytes > 11 * 4096) {
+    EXPECT_GT(front_->counters().indirect_requests, 0u);
+  }
+  EXPECT_EQ(front_->counters().bogus_responses, 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Negotiations, ProductBackendWorkloadTest,
+                         ::testing::Values(ProductParams{"x86_64-abi", true, 0, 1, 0, 4096},
+                                           ProductParams{"x86_32-abi", false, 1, 2, 0, 8192},
+                                           ProductParams{"native", true, 2, 4, 32, 64 * 1024},
+                                           ProductParams{"x86_32-abi", false, 0, 2, 32,
+                                                         128 * 1024}));
+
+class ProductBackendHostileTest : public ProductBackendTest,
+                                  public ::testing::WithParamInterface<bool> {};
+
+TEST_P(ProductBackendHostileTest, RefusesEveryMalformedRequestAndKeepsServing) {
+  const bool read_only = GetParam();
+  worker::xen::BlkifBackendOptions backend;
+  backend.max_indirect_segments = 32;
+  StartBackend(backend, read_only);
+  BlkfrontOptions options;
+  options.num_queues = 2;
+  options.slots_per_queue = 4;
+  options.max_indirect_segments = 32;
+  options.persistent_grants = !read_only;
+  options.max_request_bytes = 8192;
+  ConnectFront(options);
+  WorkloadResult result;
+  absl::Status status = RunHostile(*front_, HostileOptions{}, result);
+  ASSERT_TRUE(status.ok()) << status << "\n" << result.ToJson(*front_);
+  for (const HostileCheck& check : result.hostile) {
+    if (!check.skipped) {
+      EXPECT_TRUE(check.passed) << check.kind << ": " << check.detail;
+    }
+  }
+  EXPECT_EQ(result.invalid_checks_failed, 0u);
+  EXPECT_EQ(result.invalid_checks_passed, result.hostile.size() - (read_only ? 0 : 1));
+  EXPECT_EQ(result.total_errors(), 0u) << result.ToJson(*front_);
+  // The broken queue is gone; the other one still serves a verified workload.
+  WorkloadOptions workload;
+  workload.read_percent = read_only ? 100 : 50;
+  workload.iodepth = 4;
+  workload.ops = 200;
+  workload.verify = !read_only;
+  auto after = RunWorkload(*front_, workload);
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->total_errors(), 0u) << after->ToJson(*front_);
+  EXPECT_EQ(after->verify_failures, 0u);
+  StopBackend();
+  EXPECT_EQ(stats_.broken_queues, 1u);
+  EXPECT_GE(stats_.invalid[static_cast<size_t>(InvalidReason::kUnknownOperation)], 1u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, ProductBackendHostileTest, ::testing::Values(false, true));
 
 #ifdef BP_BLKFRONT_PATH
 // The CLI: runs as its own process against this test's emulated host and scripted backend,
