@@ -125,11 +125,20 @@ std::string MetricsServer::MetricsText() const {
       by_state[StateLabel(static_cast<v1::DeviceState>(s))] = 0;
     }
   }
-  for (const v1::Device& d : devices_()) by_state[StateLabel(d.status().state())] += 1;
+  // And each device's state, as the controller sees it (a FAILED device has no worker to ask).
+  prometheus::MetricFamily device_state = common::MakeFamily(
+      "blockplane_controller_device_state", "1 for each device, labelled with its current state.",
+      prometheus::MetricType::Gauge);
+  for (const v1::Device& d : devices_()) {
+    std::string state = StateLabel(d.status().state());
+    by_state[state] += 1;
+    common::AddGauge(device_state, {{"device", d.id()}, {"state", state}}, 1);
+  }
   prometheus::MetricFamily devices = common::MakeFamily(
       "blockplane_controller_devices", "Devices by state.", prometheus::MetricType::Gauge);
   for (const auto& [state, n] : by_state) common::AddGauge(devices, {{"state", state}}, n);
   families.push_back(std::move(devices));
+  families.push_back(std::move(device_state));
   for (prometheus::MetricFamily& f : common::ProcessCollector().Collect()) {
     families.push_back(std::move(f));
   }

@@ -46,6 +46,9 @@ TEST(ControllerMetricsTest, MetricsAndServiceDiscovery) {
             1);
   EXPECT_EQ(ValueOf(m, "blockplane_controller_devices", {{"state", "waiting_for_frontend"}}), 1);
   EXPECT_EQ(ValueOf(m, "blockplane_controller_devices", {{"state", "failed"}}), 0);
+  EXPECT_EQ(ValueOf(m, "blockplane_controller_device_state",
+                    {{"device", "dev0"}, {"state", "waiting_for_frontend"}}),
+            1);
   EXPECT_EQ(ValueOf(m, "blockplane_controller_worker_spawns_total"), 1);
   EXPECT_EQ(ValueOf(m, "blockplane_controller_worker_crashes_total"), 0);
   EXPECT_GE(ValueOf(m, "blockplane_controller_registry_write_duration_seconds_count"), 1);

@@ -71,12 +71,13 @@ v1::OpStats OpOf(const v1::DeviceStats& stats, const std::string& op) {
   return v1::OpStats();
 }
 
-std::string HttpGet(const std::string& host_port, const std::string& path) {
+int HttpGetStatus(const std::string& host_port, const std::string& path, std::string* body) {
+  body->clear();
   size_t colon = host_port.rfind(':');
   int port = 0;
   if (colon == std::string::npos || !absl::SimpleAtoi(host_port.substr(colon + 1), &port)) {
-    ADD_FAILURE() << "not host:port: " << host_port;
-    return "";
+    *body = "not host:port: " + host_port;
+    return 0;
   }
   std::string host = host_port.substr(0, colon);
   char error[256] = "";
@@ -84,16 +85,21 @@ std::string HttpGet(const std::string& host_port, const std::string& path) {
       mg_download(host.c_str(), port, 0, error, sizeof(error),
                   "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n", path.c_str(), host_port.c_str());
   if (!conn) {
-    ADD_FAILURE() << "GET http://" << host_port << path << ": " << error;
-    return "";
+    *body = error;
+    return 0;
   }
   const mg_response_info* info = mg_get_response_info(conn);
   int status = info ? info->status_code : 0;
-  std::string body;
   char buf[16384];
   int n;
-  while ((n = mg_read(conn, buf, sizeof(buf))) > 0) body.append(buf, static_cast<size_t>(n));
+  while ((n = mg_read(conn, buf, sizeof(buf))) > 0) body->append(buf, static_cast<size_t>(n));
   mg_close_connection(conn);
+  return status;
+}
+
+std::string HttpGet(const std::string& host_port, const std::string& path) {
+  std::string body;
+  int status = HttpGetStatus(host_port, path, &body);
   EXPECT_EQ(status, 200) << "GET http://" << host_port << path << ": " << body;
   return body;
 }

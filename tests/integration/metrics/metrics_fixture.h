@@ -28,9 +28,12 @@ v1::Device GetDevice(ControllerProcess& controller, const std::string& id);
 // The stats of `op` ("read", "write", ...) in `stats`; an empty OpStats if absent.
 v1::OpStats OpOf(const v1::DeviceStats& stats, const std::string& op);
 
-// HTTP GET on 127.0.0.1 (or host:port) through curl-free code: civetweb's client.
+// HTTP GET on host:port with civetweb's client.
 // Returns the body; fails the test unless the status is 200.
 std::string HttpGet(const std::string& host_port, const std::string& path);
+// The same without failing the test: the HTTP status (0 if no connection) and the body (or why
+// the connection failed).
+int HttpGetStatus(const std::string& host_port, const std::string& path, std::string* body);
 
 }  // namespace blockplane::testing
 
