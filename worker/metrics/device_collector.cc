@@ -49,7 +49,7 @@ std::vector<MetricFamily> DeviceCollector::Collect() const {
                                     MetricType::Histogram);
   for (int op = 0; op < kBlockOpCount; ++op) {
     const BlockOpStats& o = s.block.ops[op];
-    AddCounter(ops, with_op(op), static_cast<double>(o.ops + o.failed));
+    AddCounter(ops, with_op(op), static_cast<double>(o.ops));
     AddCounter(bytes, with_op(op), static_cast<double>(o.bytes));
     AddCounter(failed, with_op(op), static_cast<double>(o.failed));
     AddCounter(invalid, with_op(op), static_cast<double>(o.invalid));

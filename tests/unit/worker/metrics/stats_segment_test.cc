@@ -1,0 +1,121 @@
+#include "worker/metrics/stats_segment.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "gtest/gtest.h"
+#include "worker/backend/ram_backend.h"
+#include "worker/diagnostics/self_test_io.h"
+
+namespace blockplane::worker {
+namespace {
+
+class StatsSegmentTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char name[] = "/tmp/blockplane-segment-XXXXXX";
+    ASSERT_NE(mkdtemp(name), nullptr);
+    dir_ = name;
+    path_ = StatsSegmentPath(dir_, "dev0");
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  // Runs `ops` writes of 4 KiB through a BlockDevice whose counters live in `segment`.
+  void RunWrites(StatsSegment* segment, uint32_t ops) {
+    auto loop = common::EventLoop::Create();
+    ASSERT_TRUE(loop.ok());
+    BlockDeviceOptions options;
+    options.counters = segment->block_ops();
+    auto device = BlockDevice::Create(
+        loop->get(), std::make_unique<RamBackend>(loop->get(), RamBackend::Options{}), options);
+    ASSERT_TRUE(device.ok()) << device.status();
+    internal::SelfTestIoRequest request;
+    request.set_ops(ops);
+    request.set_bytes(4096);
+    request.set_write(true);
+    bool done = false;
+    auto io = SelfTestIo::Start(device->get(), request, [&](const SelfTestIo::Result& r) {
+      EXPECT_EQ(r.completed, ops);
+      EXPECT_EQ(r.failed, 0u);
+      done = true;
+    });
+    ASSERT_TRUE(io.ok()) << io.status();
+    (*loop)->RunUntil([&] { return done; });
+  }
+
+  std::string dir_, path_;
+};
+
+TEST_F(StatsSegmentTest, CountersPersistAcrossMappings) {
+  ASSERT_TRUE(PrepareStatsSegment(path_, "dev0").ok());
+  EXPECT_EQ(std::filesystem::file_size(path_), sizeof(StatsSegmentLayout));
+  {
+    auto segment = StatsSegment::Open(path_, "dev0", 1);
+    ASSERT_TRUE(segment.ok()) << segment.status();
+    RunWrites(segment->get(), 5);
+    EXPECT_EQ((*segment)->layout().block_ops[int(BlockOp::kWrite)].bytes.Get(), 5u * 4096);
+  }
+  // The controller prepares the next generation: a valid segment is kept as it is.
+  ASSERT_TRUE(PrepareStatsSegment(path_, "dev0").ok());
+  auto segment = StatsSegment::Open(path_, "dev0", 2);
+  ASSERT_TRUE(segment.ok()) << segment.status();
+  RunWrites(segment->get(), 3);
+  const StatsSegmentLayout& layout = (*segment)->layout();
+  EXPECT_EQ(layout.block_ops[int(BlockOp::kWrite)].ops.Get(), 8u);
+  EXPECT_EQ(layout.block_ops[int(BlockOp::kWrite)].bytes.Get(), 8u * 4096);
+  EXPECT_EQ(layout.block_ops[int(BlockOp::kRead)].ops.Get(), 0u);
+  uint64_t histogram = 0;
+  for (const BlockCounter& b : layout.block_ops[int(BlockOp::kWrite)].histogram) {
+    histogram += b.Get();
+  }
+  EXPECT_EQ(histogram, 8u);
+  EXPECT_EQ(layout.header.generation.load(), 2u);
+  EXPECT_EQ(layout.header.mappings.load(), 2u);
+}
+
+TEST_F(StatsSegmentTest, WorkerRefusesASegmentOfAnotherDevice) {
+  ASSERT_TRUE(PrepareStatsSegment(path_, "dev0").ok());
+  auto segment = StatsSegment::Open(path_, "dev1", 1);
+  EXPECT_EQ(segment.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_FALSE(StatsSegment::Open(dir_ + "/missing.stats", "dev0", 1).ok());
+}
+
+TEST_F(StatsSegmentTest, MismatchingSegmentIsReplacedWithZeroes) {
+  ASSERT_TRUE(PrepareStatsSegment(path_, "dev0").ok());
+  {
+    auto segment = StatsSegment::Open(path_, "dev0", 1);
+    ASSERT_TRUE(segment.ok());
+    (*segment)->block_ops()[0].bytes.Add(42);
+  }
+  // Another layout version on disk (an older or newer blockplane).
+  {
+    int fd = open(path_.c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0);
+    uint32_t version = kStatsSegmentVersion + 1;
+    ASSERT_EQ(pwrite(fd, &version, sizeof(version), offsetof(StatsSegmentHeader, version)),
+              static_cast<ssize_t>(sizeof(version)));
+    close(fd);
+  }
+  EXPECT_EQ(StatsSegment::Open(path_, "dev0", 2).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(PrepareStatsSegment(path_, "dev0").ok());
+  auto segment = StatsSegment::Open(path_, "dev0", 2);
+  ASSERT_TRUE(segment.ok()) << segment.status();
+  EXPECT_EQ((*segment)->layout().block_ops[0].bytes.Get(), 0u);
+
+  // A truncated file is not mapped either.
+  ASSERT_EQ(truncate(path_.c_str(), 100), 0);
+  EXPECT_FALSE(StatsSegment::Open(path_, "dev0", 3).ok());
+}
+
+TEST_F(StatsSegmentTest, RemoveDeletesTheFile) {
+  ASSERT_TRUE(PrepareStatsSegment(path_, "dev0").ok());
+  RemoveStatsSegment(path_);
+  EXPECT_FALSE(std::filesystem::exists(path_));
+  EXPECT_FALSE(PrepareStatsSegment(path_, std::string(kStatsSegmentDeviceIdSize, 'x')).ok());
+}
+
+}  // namespace
+}  // namespace blockplane::worker
