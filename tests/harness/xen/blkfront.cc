@@ -29,6 +29,7 @@ using common::xen::XenStore;
 using common::xen::XenStorePermission;
 
 constexpr uint32_t kMaxRingPageOrder = 4;  // XENBUS_MAX_RING_GRANT_ORDER in Linux
+constexpr uint32_t kMaxQueues = 64;        // WaitForEvent() polls them from a fixed array
 
 int64_t NowMs() {
   timespec now{};
@@ -255,7 +256,8 @@ absl::Status Blkfront::ReadBackendFeatures() {
 
 absl::Status Blkfront::SetUpRings() {
   const uint32_t pages = 1u << ring_page_order_;
-  const uint32_t num_queues = std::max(1u, std::min(options_.num_queues, backend_info_.max_queues));
+  const uint32_t num_queues =
+      std::clamp(std::min(options_.num_queues, backend_info_.max_queues), 1u, kMaxQueues);
   const uint64_t total = uint64_t{pages} * num_queues;
   if (options_.first_ring_frame + total > guest_->pages()) {
     return absl::InvalidArgumentError("ring frames beyond guest memory");
@@ -901,7 +903,7 @@ size_t Blkfront::Reap(uint32_t queue, std::span<BlkfrontCompletion> out) {
 }
 
 absl::StatusOr<bool> Blkfront::WaitForEvent(int timeout_ms) {
-  std::array<pollfd, 64> fds{};
+  std::array<pollfd, kMaxQueues> fds{};
   const size_t n = std::min(queues_.size(), fds.size());
   for (size_t i = 0; i < n; ++i) fds[i] = {queues_[i].event_channel->ReadinessFd(), POLLIN, 0};
   int ready = poll(fds.data(), n, timeout_ms);

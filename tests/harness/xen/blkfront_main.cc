@@ -30,8 +30,9 @@ constexpr char kUsage[] =
     "             [--indirect N] [--ring-page-order N] [--queues N] [--timeout-ms MS]\n"
     "  workload:  [--workload randread|randwrite|randrw|seqread|seqwrite] [--bs BYTES[k|m]]\n"
     "             [--iodepth N] (--runtime SECONDS | --ops N) [--rwmix-read PCT]\n"
-    "             [--flush-every N] [--discard-every N] [--verify] [--assume-zeroed]\n"
-    "             [--then-read] [--offset-sectors N] [--size-sectors N] [--seed N] [--poll]\n"
+    "             [--flush-every N] [--discard-every N] [--barrier-every N] [--verify]\n"
+    "             [--assume-zeroed] [--then-read] [--offset-sectors N] [--size-sectors N]\n"
+    "             [--seed N] [--poll]\n"
     "  hostile:   [--hostile] [--hostile-sector N]\n"
     "  memory:    [--first-frame N] [--first-ref N]   (guest frames/refs used, from these)\n"
     "  [--log-level LEVEL]\n";
@@ -161,6 +162,8 @@ int ParseFlags(int argc, char** argv, Flags* f) {
       ok = ParseInt(value, &f->workload.flush_every);
     } else if (arg == "--discard-every") {
       ok = ParseInt(value, &f->workload.discard_every);
+    } else if (arg == "--barrier-every") {
+      ok = ParseInt(value, &f->workload.barrier_every);
     } else if (arg == "--offset-sectors") {
       ok = ParseInt(value, &f->workload.first_sector);
     } else if (arg == "--size-sectors") {

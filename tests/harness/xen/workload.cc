@@ -303,7 +303,8 @@ class WorkloadRunner {
   // Verify state, indexed by sector - region_first_.
   std::vector<uint32_t> generations_;
   std::vector<uint8_t> writing_;
-  std::vector<uint16_t> reading_;
+  std::vector<uint32_t> reading_;
+  uint64_t writes_issued_ = 0;
 };
 
 WorkloadRunner::NextOp WorkloadRunner::PickOp() {
@@ -338,7 +339,7 @@ void WorkloadRunner::Lock(const InFlight& op, int delta) {
   const uint64_t first = op.sector - region_first_;
   for (uint64_t i = first; i < first + op.nr_sectors; ++i) {
     if (op.op == BlkfrontOp::kRead) {
-      reading_[i] = static_cast<uint16_t>(reading_[i] + delta);
+      reading_[i] = static_cast<uint32_t>(reading_[i] + delta);
     } else {
       writing_[i] = static_cast<uint8_t>(writing_[i] + delta);
     }
@@ -348,7 +349,14 @@ void WorkloadRunner::Lock(const InFlight& op, int delta) {
 absl::Status WorkloadRunner::Submit(const NextOp& op, uint32_t queue, uint32_t slot) {
   InFlight& record = in_flight_[size_t{queue} * front_.slots_per_queue() + slot];
   record = InFlight{op.op, op.sector, op.nr_sectors, 0};
-  if (op.op == BlkfrontOp::kWrite && options_.verify) {
+  // Barriers carry their data directly (indirect_op is READ or WRITE only): larger blocks stay
+  // plain writes.
+  if (op.op == BlkfrontOp::kWrite && options_.barrier_every &&
+      ++writes_issued_ % options_.barrier_every == 0 &&
+      op.nr_sectors <= BLKIF_MAX_SEGMENTS_PER_REQUEST * worker::xen::kSectorsPerPage) {
+    record.op = BlkfrontOp::kBarrier;
+  }
+  if ((record.op == BlkfrontOp::kWrite || record.op == BlkfrontOp::kBarrier) && options_.verify) {
     record.generation = ++generation_;
     if (generation_ == kUnknownGeneration) generation_ = 1;  // wrapped: 0 and ~0 are reserved
     std::byte* data = front_.Slot(queue, slot).data.data();
@@ -357,7 +365,7 @@ absl::Status WorkloadRunner::Submit(const NextOp& op, uint32_t queue, uint32_t s
     }
   }
   BlkfrontRequest request;
-  request.op = op.op;
+  request.op = record.op;
   request.sector = op.sector;
   request.nr_sectors = op.nr_sectors;
   if (absl::Status status = front_.Enqueue(queue, slot, request); !status.ok()) return status;

@@ -44,6 +44,8 @@ struct WorkloadOptions {
   uint64_t runtime_ms = 0;      // used when ops == 0
   uint32_t flush_every = 0;     // a FLUSH_DISKCACHE after every N data ops (0: none)
   uint32_t discard_every = 0;   // a block_bytes DISCARD after every N data ops (0: none)
+  uint32_t barrier_every = 0;   // every Nth write goes out as WRITE_BARRIER (0: none; only
+                                // blocks of up to 11 pages: barriers cannot be indirect)
   bool verify = false;
   bool assume_zeroed = false;  // verify: never-written sectors must read as zeroes
   // After the ops or the runtime: read the whole region back sequentially (with verify, every

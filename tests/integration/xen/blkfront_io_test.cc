@@ -326,6 +326,7 @@ TEST_P(BlkfrontTopologyTest, VerifiedMixSpreadsOverQueues) {
   workload.ops = 3000;
   workload.flush_every = 10;
   workload.discard_every = 25;
+  workload.barrier_every = 7;
   workload.sectors = 1024;  // small region: reads often land on written blocks
   workload.verify = true;
   workload.assume_zeroed = true;
@@ -346,6 +347,8 @@ TEST_P(BlkfrontTopologyTest, VerifiedMixSpreadsOverQueues) {
   ASSERT_EQ(report.requests_per_queue.size(), params.queues);
   for (uint64_t n : report.requests_per_queue) EXPECT_GT(n, 0u);
   EXPECT_EQ(report.ring_page_order, params.order);
+  EXPECT_GT(report.ops[BLKIF_OP_WRITE_BARRIER], 0u);
+  EXPECT_EQ(report.ops[BLKIF_OP_WRITE_BARRIER] + report.ops[BLKIF_OP_WRITE], result->writes);
   if (params.persistent) {
     // The pool is granted once: the backend maps each ref once, and never more refs than slots.
     EXPECT_EQ(report.grant_maps, report.persistent_refs.size());
@@ -698,6 +701,7 @@ TEST_P(ProductBackendWorkloadTest, VerifiedMixCompletes) {
   workload.ops = 2000;
   workload.flush_every = 20;
   workload.discard_every = 50;
+  workload.barrier_every = 5;
   workload.sectors = 2048;
   workload.verify = true;
   workload.assume_zeroed = true;
