@@ -551,6 +551,8 @@ absl::Status Blkfront::SetUpSlots() {
     queue.slots.assign(slots_per_queue_, BlkfrontQueue::Slot{});
     queue.free_slots.clear();
     queue.free_slots.reserve(slots_per_queue_);
+    queue.revoke_pending_slots.clear();
+    queue.revoke_pending_slots.reserve(slots_per_queue_);
     for (uint32_t s = slots_per_queue_; s-- > 0;) queue.free_slots.push_back(s);
   }
   if (persistent_) {
@@ -602,21 +604,25 @@ std::optional<uint32_t> Blkfront::AcquireSlot(uint32_t queue) {
   if (queue >= queues_.size()) return std::nullopt;
   BlkfrontQueue& q = queues_[queue];
   if (q.broken) return std::nullopt;
-  while (!q.free_slots.empty()) {
-    const uint32_t slot = q.free_slots.back();
-    q.free_slots.pop_back();
-    BlkfrontQueue::Slot& s = q.slots[slot];
-    if (s.revoke_pending) {
+  if (q.free_slots.empty() && !q.revoke_pending_slots.empty()) {
+    // Slots whose pages the backend still mapped at their response: retry revoking them (Linux
+    // defers such pages the same way, gnttab_end_foreign_access with a deferred free).
+    size_t kept = 0;
+    for (uint32_t slot : q.revoke_pending_slots) {
       EndSlotGrants(queue, slot);
-      if (s.revoke_pending) {
-        // Still mapped by the backend: leave it out of the pool (Linux leaks such pages too).
-        continue;
+      if (q.slots[slot].revoke_pending) {
+        q.revoke_pending_slots[kept++] = slot;
+      } else {
+        q.free_slots.push_back(slot);
       }
     }
-    s.acquired = true;
-    return slot;
+    q.revoke_pending_slots.resize(kept);
   }
-  return std::nullopt;
+  if (q.free_slots.empty()) return std::nullopt;
+  const uint32_t slot = q.free_slots.back();
+  q.free_slots.pop_back();
+  q.slots[slot].acquired = true;
+  return slot;
 }
 
 void Blkfront::ReleaseSlot(uint32_t queue, uint32_t slot) {
@@ -625,7 +631,11 @@ void Blkfront::ReleaseSlot(uint32_t queue, uint32_t slot) {
   BlkfrontQueue::Slot& s = q.slots[slot];
   if (!s.acquired || s.in_flight) return;
   s.acquired = false;
-  q.free_slots.push_back(slot);
+  if (s.revoke_pending) {
+    q.revoke_pending_slots.push_back(slot);
+  } else {
+    q.free_slots.push_back(slot);
+  }
 }
 
 std::byte* Blkfront::RingEntry(const BlkfrontQueue& queue, uint32_t index) const {

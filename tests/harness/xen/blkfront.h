@@ -22,7 +22,7 @@
 // (blkfront's persistent grant pool). Without, a request grants the pages it uses (read-only for
 // data going to the disk, and for indirect pages) and the response ends that access; a page the
 // backend still has mapped at that point is counted (grants_still_mapped) and the slot is held
-// back until a later EndAccess() succeeds.
+// back (after ReleaseSlot) until a later EndAccess() succeeds, retried when no other slot is free.
 //
 // Requests with more than 11 segments go out as BLKIF_OP_INDIRECT when the backend advertises
 // feature-max-indirect-segments and the options allow it (max_indirect_segments).
@@ -210,6 +210,9 @@ struct BlkfrontQueue {
   };
   std::vector<Slot> slots;
   std::vector<uint32_t> free_slots;  // stack; reserved to slots.size()
+  // Released slots whose grants the backend still maps; AcquireSlot() retries them when
+  // free_slots runs out.
+  std::vector<uint32_t> revoke_pending_slots;
   uint32_t in_flight = 0;
 };
 

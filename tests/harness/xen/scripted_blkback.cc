@@ -50,6 +50,7 @@ struct ScriptedBlkback::Queue {
   std::map<GrantRef, std::unique_ptr<GrantMapping>> persistent;
   std::vector<BlkifSegment> segments;  // indirect descriptors, sized for the advertised maximum
   std::vector<uint8_t> indirect_copy;  // indirect pages, copied out of guest memory
+  std::vector<std::unique_ptr<GrantMapping>> held;  // unmap_late: the last request's mappings
 };
 
 ScriptedBlkback::ScriptedBlkback(ScriptedBlkbackOptions options)
@@ -240,6 +241,7 @@ void ScriptedBlkback::ProcessQueue(Queue& queue) {
       return;
     }
     while (auto slot = ring.NextRequestSlot()) {
+      queue.held.clear();  // unmap_late: the previous request's pages go now
       ++report_.requests_per_queue[queue.index];
       auto parsed = worker::xen::ParseRequest(protocol_, *slot, geometry);
       uint64_t id = 0;
@@ -370,7 +372,9 @@ int16_t ScriptedBlkback::Transfer(Queue& queue, uint8_t op, uint64_t sector,
       std::memcpy(image_.data() + disk_offset, data, length);
     }
     disk_offset += length;
-    // `transient` unmaps here, before the response, as blkback unmaps before responding.
+    // `transient` unmaps here, before the response, as blkback unmaps before responding (unless
+    // told to unmap late).
+    if (options_.unmap_late && transient) queue.held.push_back(std::move(transient));
   }
   return BLKIF_RSP_OKAY;
 }
@@ -378,6 +382,7 @@ int16_t ScriptedBlkback::Transfer(Queue& queue, uint8_t op, uint64_t sector,
 void ScriptedBlkback::Shutdown() {
   for (auto& queue : queues_) {
     queue->persistent.clear();
+    queue->held.clear();
     queue->ring.reset();
     queue->ring_mapping.reset();
     queue->channel.reset();

@@ -12,8 +12,9 @@
 // requests until the frontend goes Closing (unmap everything, Closing), then Closed (Closed).
 // Stop() ends the thread early (tests that fail halfway). report() is valid after Join().
 //
-// Fault injection for verify tests: `corrupt_read_sector` flips one byte of that sector in the
-// data of every read that covers it (the image itself stays correct).
+// Fault injection: `corrupt_read_sector` flips one byte of that sector in the data of every read
+// that covers it (the image itself stays correct); `unmap_late` keeps grants mapped past the
+// response.
 
 #include <stdint.h>
 
@@ -49,6 +50,9 @@ struct ScriptedBlkbackOptions {
   bool barrier = true;
   bool discard = true;
   std::optional<uint64_t> corrupt_read_sector;
+  // Without persistent grants: keep a request's data pages mapped until the next request of the
+  // queue arrives, i.e. after its response (a backend that unmaps late).
+  bool unmap_late = false;
   int timeout_ms = 10000;
 };
 

@@ -492,6 +492,41 @@ TEST_F(BlkfrontIoTest, NotificationsFollowTheRingIndices) {
   EXPECT_EQ(front_->in_flight(0), 3u);
 }
 
+// Without persistent grants, a backend that still maps a request's pages when the response
+// arrives: the frontend counts it, keeps that slot out of use, and takes it back once the backend
+// lets go.
+TEST_F(BlkfrontIoTest, SlotsWhosePagesStayMappedAreHeldBack) {
+  ScriptedBlkbackOptions backend = BackendOptions();
+  backend.unmap_late = true;
+  BlkfrontOptions options;
+  options.persistent_grants = false;
+  options.slots_per_queue = 2;
+  options.max_request_bytes = 4096;
+  Connect(backend, options);
+  auto a = front_->AcquireSlot(0);
+  ASSERT_TRUE(a);
+  const GrantRef ref_a = front_->Slot(0, *a).data_refs[0];
+  EXPECT_EQ(RoundTrip(0, *a, {BlkfrontOp::kWrite, 0, 8, 0, false}).status, BLKIF_RSP_OKAY);
+  EXPECT_EQ(front_->counters().grants_still_mapped, 1u);
+  EXPECT_EQ(guest_->EntryFlags(ref_a) & GTF_reading, GTF_reading);  // mapped for the write
+  front_->ReleaseSlot(0, *a);
+
+  auto b = front_->AcquireSlot(0);  // a is held back
+  ASSERT_TRUE(b);
+  EXPECT_NE(*b, *a);
+  // The next request makes the backend drop a's mapping (and keep b's).
+  EXPECT_EQ(RoundTrip(0, *b, {BlkfrontOp::kRead, 0, 8, 0, false}).status, BLKIF_RSP_OKAY);
+  EXPECT_EQ(front_->counters().grants_still_mapped, 2u);
+  front_->ReleaseSlot(0, *b);
+  auto again = front_->AcquireSlot(0);  // no free slot: retries the held ones; a is revocable
+  ASSERT_TRUE(again);
+  EXPECT_EQ(*again, *a);
+  EXPECT_EQ(guest_->EntryFlags(ref_a), 0);
+  EXPECT_FALSE(front_->AcquireSlot(0));  // b is still mapped
+  front_->ReleaseSlot(0, *again);
+  Disconnect();  // the backend unmaps everything at Closing; every grant is revoked
+}
+
 TEST(VerifyFormatTest, DetectsEachKindOfDamage) {
   std::byte sector[512];
   uint32_t found = 0;
