@@ -168,6 +168,29 @@ DeviceMetricsSnapshot Worker::MetricsSnapshot() const {
       static_cast<internal::WorkerState>(metrics_state_.load(std::memory_order_relaxed)));
   s.state = absl::AsciiStrToLower(name.substr(sizeof("WORKER_STATE_") - 1));
   s.generation = config_.generation();
+  if (const xen::BlkifCounters* x = xen_counters_) {
+    TransportMetricsSnapshot& t = s.transport.emplace();
+    t.requests_taken = x->requests_taken.Get();
+    t.responses = x->responses.Get();
+    t.notifications_sent = x->notifications_sent.Get();
+    t.notifications_received = x->notifications_received.Get();
+    t.ring_full_stalls = x->ring_full_stalls.Get();
+    t.broken_queues = x->broken_queues.Get();
+    t.io_errors = x->io_errors.Get();
+    for (size_t i = 0; i < xen::kInvalidReasonCount; ++i) {
+      t.invalid.emplace_back(
+          std::string(xen::InvalidReasonName(static_cast<xen::InvalidReason>(i))),
+          x->invalid[i].Get());
+    }
+    t.grant_maps = x->grant_maps.Get();
+    t.grant_map_failures = x->grant_map_failures.Get();
+    t.grant_unmaps = x->grant_unmaps.Get();
+    t.grant_copies = x->grant_copies.Get();
+    t.grant_copy_failures = x->grant_copy_failures.Get();
+    t.persistent_hits = x->persistent_hits.Get();
+    t.persistent_misses = x->persistent_misses.Get();
+    t.persistent_evictions = x->persistent_evictions.Get();
+  }
   return s;
 }
 
@@ -207,6 +230,9 @@ absl::Status Worker::StartXen() {
   options.max_indirect_segments =
       x.disable_indirect() ? 0 : (x.max_indirect_segments() == 0 ? 32 : x.max_indirect_segments());
   options.grant_mode = config_.xen_grant_copy() ? xen::GrantMode::kCopy : xen::GrantMode::kMap;
+  xen_counters_ =
+      stats_segment_ ? stats_segment_->transport<xen::BlkifCounters>() : &own_xen_counters_;
+  options.counters = xen_counters_;
   xen::BlkifBackend::Callbacks callbacks;
   callbacks.on_connection_changed = [this](bool connected) { OnFrontendConnection(connected); };
   blkif_ = std::make_unique<xen::BlkifBackend>(loop_.get(), xen_.get(), device_.get(), options,
@@ -491,9 +517,9 @@ void Worker::HandleRequest(const internal::ControlRequest& request) {
             blockplane::v1::DeviceStats stats = Stats();
             Reply(id,
                   r.failed == 0 ? absl::OkStatus()
-                                : absl::InternalError(absl::StrCat(r.failed, " of ", r.completed,
-                                                                   " requests failed, first: ",
-                                                                   strerror(-r.first_error))),
+                                : absl::InternalError(absl::StrCat(
+                                      r.failed, " of ", r.completed,
+                                      " requests failed, first: ", strerror(-r.first_error))),
                   nullptr, &stats);
           });
       if (!run.ok()) {

@@ -10,11 +10,11 @@
 #include "common/unique_fd.h"
 #include "common/xen/xen_platform.h"
 #include "worker/block/block_device.h"
-#include "worker/xen/blkif_backend.h"
 #include "worker/diagnostics/self_test_io.h"
 #include "worker/metrics/device_collector.h"
 #include "worker/metrics/stats_segment.h"
 #include "worker/metrics/worker_exporter.h"
+#include "worker/xen/blkif_backend.h"
 
 namespace blockplane::worker {
 
@@ -98,6 +98,9 @@ class Worker {
   std::atomic<uint64_t> metrics_size_{0};
   // Reads device_ from its own threads: stopped first in ~Worker.
   std::unique_ptr<WorkerExporter> exporter_;
+  // The blkif backend's counters: in the stats segment, else here. Set once, before metrics.
+  xen::BlkifCounters own_xen_counters_;
+  xen::BlkifCounters* xen_counters_ = nullptr;
 };
 
 }  // namespace blockplane::worker

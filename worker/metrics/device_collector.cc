@@ -11,6 +11,55 @@ using prometheus::ClientMetric;
 using prometheus::MetricFamily;
 using prometheus::MetricType;
 
+namespace {
+
+void AddTransport(const TransportMetricsSnapshot& t, const std::vector<ClientMetric::Label>& device,
+                  std::vector<MetricFamily>* out) {
+  auto counter = [&](const char* name, const char* help, uint64_t value) {
+    out->push_back(MakeFamily(name, help, MetricType::Counter));
+    AddCounter(out->back(), device, static_cast<double>(value));
+  };
+  counter("blockplane_device_ring_requests_total", "Requests taken from the frontend's rings.",
+          t.requests_taken);
+  counter("blockplane_device_ring_responses_total", "Responses written to the frontend's rings.",
+          t.responses);
+  counter("blockplane_device_notifications_sent_total",
+          "Notifications (event channel kicks) sent to the frontend.", t.notifications_sent);
+  counter("blockplane_device_notifications_received_total",
+          "Notifications (event channel kicks) received from the frontend.",
+          t.notifications_received);
+  counter("blockplane_device_ring_full_stalls_total",
+          "Polls that found every request slot of a ring outstanding (like blkback's oo_req).",
+          t.ring_full_stalls);
+  counter("blockplane_device_broken_queues_total",
+          "Queues stopped because the frontend broke the ring protocol.", t.broken_queues);
+  counter("blockplane_device_error_responses_total",
+          "Requests answered with an error after the I/O failed.", t.io_errors);
+  out->push_back(MakeFamily("blockplane_device_invalid_requests_total",
+                            "Requests refused by the frontend's validation, by reason.",
+                            MetricType::Counter));
+  for (const auto& [reason, value] : t.invalid) {
+    std::vector<ClientMetric::Label> labels = device;
+    labels.push_back({"reason", reason});
+    AddCounter(out->back(), std::move(labels), static_cast<double>(value));
+  }
+  counter("blockplane_xen_grant_maps_total", "Grant pages mapped.", t.grant_maps);
+  counter("blockplane_xen_grant_map_failures_total", "Grant map calls that failed.",
+          t.grant_map_failures);
+  counter("blockplane_xen_grant_unmaps_total", "Grant pages unmapped.", t.grant_unmaps);
+  counter("blockplane_xen_grant_copies_total", "Grant copy segments.", t.grant_copies);
+  counter("blockplane_xen_grant_copy_failures_total", "Grant copy segments that failed.",
+          t.grant_copy_failures);
+  counter("blockplane_xen_persistent_grant_hits_total",
+          "Segments served from the persistent grant cache.", t.persistent_hits);
+  counter("blockplane_xen_persistent_grant_misses_total",
+          "Segments whose grant was not in the persistent grant cache.", t.persistent_misses);
+  counter("blockplane_xen_persistent_grant_evictions_total",
+          "Persistent grants unmapped to make room.", t.persistent_evictions);
+}
+
+}  // namespace
+
 DeviceCollector::DeviceCollector(std::string device_id, std::string frontend,
                                  std::function<DeviceMetricsSnapshot()> snapshot)
     : device_id_(std::move(device_id)),
@@ -106,6 +155,7 @@ std::vector<MetricFamily> DeviceCollector::Collect() const {
                            "Generation of the worker serving the device (1 + restarts).",
                            MetricType::Gauge));
   AddGauge(out.back(), device, static_cast<double>(s.generation));
+  if (s.transport) AddTransport(*s.transport, device, &out);
   return out;
 }
 

@@ -9,7 +9,9 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "prometheus/collectable.h"
@@ -18,12 +20,24 @@
 
 namespace blockplane::worker {
 
+// Ring and transport counters of the frontend (Xen blkif for now).
+struct TransportMetricsSnapshot {
+  uint64_t requests_taken = 0, responses = 0, notifications_sent = 0, notifications_received = 0;
+  uint64_t ring_full_stalls = 0, broken_queues = 0, io_errors = 0;
+  std::vector<std::pair<std::string, uint64_t>> invalid;  // by reason
+  // Xen grants.
+  uint64_t grant_maps = 0, grant_map_failures = 0, grant_unmaps = 0, grant_copies = 0;
+  uint64_t grant_copy_failures = 0;
+  uint64_t persistent_hits = 0, persistent_misses = 0, persistent_evictions = 0;
+};
+
 struct DeviceMetricsSnapshot {
   BlockDeviceStats block;
   uint64_t size_bytes = 0;
   // One of DeviceCollector::kStates ("waiting_for_frontend", "connected", ...).
   std::string state;
   uint64_t generation = 0;
+  std::optional<TransportMetricsSnapshot> transport;
 };
 
 class DeviceCollector final : public prometheus::Collectable {

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <type_traits>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -74,6 +75,14 @@ class StatsSegment {
   StatsSegment& operator=(const StatsSegment&) = delete;
 
   BlockOpCounters* block_ops() { return layout_->block_ops.data(); }
+  // The transport area as the frontend's counter struct (e.g. xen::BlkifCounters).
+  template <typename T>
+  T* transport() {
+    static_assert(std::is_standard_layout_v<T>);
+    static_assert(sizeof(T) <= sizeof(StatsSegmentLayout::transport));
+    static_assert(alignof(T) <= alignof(BlockCounter));
+    return reinterpret_cast<T*>(layout_->transport.data());
+  }
   const StatsSegmentLayout& layout() const { return *layout_; }
 
  private:

@@ -38,6 +38,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -71,6 +72,28 @@ enum class GrantMode {
   kCopy,  // grant copy into / out of private buffers (no persistent grants are advertised)
 };
 
+// Ring and grant counters. One writer (the loop thread), any reader; lock-free and standard
+// layout so that they may live outside the backend: the worker puts them in the device's stats
+// segment (worker/metrics/stats_segment.h), where they survive a crash of the worker.
+struct BlkifCounter {
+  std::atomic<uint64_t> value{0};
+  void Add(uint64_t n = 1) {
+    value.store(value.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+  }
+  void Sub(uint64_t n = 1) {
+    value.store(value.load(std::memory_order_relaxed) - n, std::memory_order_relaxed);
+  }
+  uint64_t Get() const { return value.load(std::memory_order_relaxed); }
+};
+struct BlkifCounters {
+  BlkifCounter requests_taken, responses, notifications_sent, notifications_received;
+  BlkifCounter ring_full_stalls, broken_queues, io_errors;
+  std::array<BlkifCounter, kInvalidReasonCount> invalid;
+  BlkifCounter grant_maps, grant_map_failures, grant_unmaps, grant_copies, grant_copy_failures;
+  BlkifCounter persistent_hits, persistent_misses, persistent_evictions;
+};
+static_assert(std::is_standard_layout_v<BlkifCounters>);
+
 struct BlkifBackendOptions {
   common::xen::DomainId frontend_domid = 0;
   uint32_t devid = 0;
@@ -88,6 +111,8 @@ struct BlkifBackendOptions {
   // Requests taken from one queue per loop pass before yielding to the rest of the loop.
   uint32_t max_requests_per_pass = 64;
   bool cdrom = false;  // VDISK_CDROM in "info"
+  // Where the counters live (outlives the backend); null: inside the backend, from zero.
+  BlkifCounters* counters = nullptr;
 };
 
 // Counters (single writer: the loop thread; any reader through Stats()).
@@ -163,16 +188,7 @@ class BlkifBackend {
   struct PersistentGrant;
   class QueueKick;
 
-  struct Counter {
-    std::atomic<uint64_t> value{0};
-    void Add(uint64_t n = 1) {
-      value.store(value.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
-    }
-    void Sub(uint64_t n = 1) {
-      value.store(value.load(std::memory_order_relaxed) - n, std::memory_order_relaxed);
-    }
-    uint64_t Get() const { return value.load(std::memory_order_relaxed); }
-  };
+  using Counter = BlkifCounter;
 
   // xenbus
   absl::Status PublishFeatures();
@@ -230,12 +246,22 @@ class BlkifBackend {
   std::shared_ptr<common::xen::GrantMapping> ring_mapping_;  // every queue's ring pages
   uint64_t mapped_pages_ = 0;
 
-  // Stats.
-  Counter requests_taken_, responses_, notifications_sent_, notifications_received_;
-  Counter ring_full_stalls_, broken_queues_, io_errors_;
-  std::array<Counter, kInvalidReasonCount> invalid_;
-  Counter grant_maps_, grant_map_failures_, grant_unmaps_, grant_copies_, grant_copy_failures_;
-  Counter persistent_hits_, persistent_misses_, persistent_evictions_, persistent_mapped_;
+  // Stats: counters in options_.counters (or own_counters_), gauges here.
+  BlkifCounters own_counters_;
+  BlkifCounters& counters_ = options_.counters ? *options_.counters : own_counters_;
+  Counter &requests_taken_ = counters_.requests_taken, &responses_ = counters_.responses;
+  Counter &notifications_sent_ = counters_.notifications_sent,
+          &notifications_received_ = counters_.notifications_received;
+  Counter &ring_full_stalls_ = counters_.ring_full_stalls,
+          &broken_queues_ = counters_.broken_queues, &io_errors_ = counters_.io_errors;
+  std::array<Counter, kInvalidReasonCount>& invalid_ = counters_.invalid;
+  Counter &grant_maps_ = counters_.grant_maps, &grant_map_failures_ = counters_.grant_map_failures,
+          &grant_unmaps_ = counters_.grant_unmaps, &grant_copies_ = counters_.grant_copies,
+          &grant_copy_failures_ = counters_.grant_copy_failures;
+  Counter &persistent_hits_ = counters_.persistent_hits,
+          &persistent_misses_ = counters_.persistent_misses,
+          &persistent_evictions_ = counters_.persistent_evictions;
+  Counter persistent_mapped_;
   Counter in_flight_;
 };
 

@@ -32,6 +32,11 @@ DeviceMetricsSnapshot Snapshot() {
   s.size_bytes = 8 << 20;
   s.state = "draining";
   s.generation = 3;
+  TransportMetricsSnapshot& t = s.transport.emplace();
+  t.requests_taken = 12;
+  t.ring_full_stalls = 2;
+  t.invalid = {{"misaligned", 5}, {"bad_discard", 0}};
+  t.persistent_hits = 9;
   return s;
 }
 
@@ -64,6 +69,24 @@ TEST(DeviceCollectorTest, HistogramIsCumulativeWithTheBlockLayersBounds) {
       std::string::npos);
   EXPECT_NE(text.find(R"(blockplane_device_in_flight_requests{device="dev0",frontend="xen"} 4)"),
             std::string::npos);
+  EXPECT_NE(text.find(R"(blockplane_device_ring_requests_total{device="dev0",frontend="xen"} 12)"),
+            std::string::npos);
+  EXPECT_NE(
+      text.find(
+          R"(blockplane_device_invalid_requests_total{device="dev0",frontend="xen",reason="misaligned"} 5)"),
+      std::string::npos);
+  EXPECT_NE(
+      text.find(R"(blockplane_xen_persistent_grant_hits_total{device="dev0",frontend="xen"} 9)"),
+      std::string::npos);
+}
+
+TEST(DeviceCollectorTest, NoTransportFamiliesWithoutAFrontend) {
+  DeviceCollector collector("dev0", "none", [] {
+    DeviceMetricsSnapshot s = Snapshot();
+    s.transport.reset();
+    return s;
+  });
+  EXPECT_EQ(Render(collector).find("blockplane_device_ring_requests_total"), std::string::npos);
 }
 
 TEST(DeviceCollectorTest, PromtoolFindsNoProblem) {
