@@ -846,11 +846,11 @@ absl::StatusOr<bool> Blkfront::Push(uint32_t queue) {
   if (q.broken) return absl::FailedPreconditionError("queue is broken");
   // RING_PUSH_REQUESTS_AND_CHECK_NOTIFY: publish (release: the entries before the index), full
   // fence, then read req_event; kick if the backend asked for an index inside the pushed batch.
-  std::atomic_ref<uint32_t> req_prod = SharedWord(q.ring, kReqProd);
-  const uint32_t old_prod = req_prod.load(std::memory_order_relaxed);
+  const uint32_t old_prod = q.req_prod_pushed;
   const uint32_t new_prod = q.req_prod_pvt;
   if (old_prod == new_prod) return false;
-  req_prod.store(new_prod, std::memory_order_release);
+  SharedWord(q.ring, kReqProd).store(new_prod, std::memory_order_release);
+  q.req_prod_pushed = new_prod;
   std::atomic_thread_fence(std::memory_order_seq_cst);
   const uint32_t req_event = SharedWord(q.ring, kReqEvent).load(std::memory_order_relaxed);
   ++counters_.pushes;
@@ -868,10 +868,10 @@ size_t Blkfront::Reap(uint32_t queue, std::span<BlkfrontCompletion> out) {
   size_t done = 0;
   while (true) {
     const uint32_t prod = rsp_prod.load(std::memory_order_acquire);
-    // A backend that claims more responses than requests produced is broken; never read past
-    // what was produced.
+    // A backend that claims more responses than requests pushed is broken; never read past
+    // what was pushed (entries beyond hold requests not yet published).
     const uint32_t available =
-        std::min(uint32_t(prod - q.rsp_cons), uint32_t(q.req_prod_pvt - q.rsp_cons));
+        std::min(uint32_t(prod - q.rsp_cons), uint32_t(q.req_prod_pushed - q.rsp_cons));
     for (uint32_t i = 0; i < available && done < out.size(); ++i) {
       const std::byte* entry = RingEntry(q, q.rsp_cons);
       ++q.rsp_cons;
@@ -908,7 +908,7 @@ size_t Blkfront::Reap(uint32_t queue, std::span<BlkfrontCompletion> out) {
     SharedWord(q.ring, kRspEvent).store(q.rsp_cons + 1, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (rsp_prod.load(std::memory_order_acquire) == q.rsp_cons) return done;
-    if (q.req_prod_pvt == q.rsp_cons) return done;  // nothing outstanding; ignore the excess
+    if (q.req_prod_pushed == q.rsp_cons) return done;  // nothing outstanding; ignore the excess
   }
 }
 

@@ -195,6 +195,7 @@ struct BlkfrontQueue {
 
   // Front ring state (private: the shared words are only written by this side).
   uint32_t req_prod_pvt = 0;
+  uint32_t req_prod_pushed = 0;  // last req_prod published (never read back from the ring)
   uint32_t rsp_cons = 0;
   uint32_t serial = 0;  // high bits of request ids
   bool broken = false;  // BreakRing() was used: no more requests on this queue

@@ -490,6 +490,12 @@ TEST_F(BlkfrontIoTest, NotificationsFollowTheRingIndices) {
   EXPECT_EQ(front_->Reap(0, out), 0u);
   EXPECT_EQ(front_->counters().bogus_responses, 1u);
   EXPECT_EQ(front_->in_flight(0), 3u);
+  // A backend claiming far more responses than requests: only the pushed entries are looked at
+  // (3 and 4 still hold requests, whose bytes name no request in flight).
+  __atomic_store_n(&sring->rsp_prod, 1000u, __ATOMIC_RELEASE);
+  EXPECT_EQ(front_->Reap(0, out), 0u);
+  EXPECT_EQ(front_->counters().responses, 5u);
+  EXPECT_EQ(front_->counters().bogus_responses, 3u);
 }
 
 // Without persistent grants, a backend that still maps a request's pages when the response
