@@ -347,12 +347,15 @@ absl::Status Blkfront::ReadConnectedInfo() {
 absl::Status Blkfront::Connect() {
   XenStore& store = platform_->xenstore();
   if (absl::Status status = ReadBackendPath(); !status.ok()) return status;
+  // Initialising, as xenbus does when the frontend device appears: a backend left Closed by an
+  // earlier frontend goes back to InitWait on it (blkback's frontend_changed()).
+  if (absl::Status status = SwitchState(XenbusState::kInitialising); !status.ok()) return status;
   // Wait for the backend to publish its features (InitWait), as blkfront's backend_changed().
+  // Closed is not final here (see above); Closing is.
   auto backend_state = WaitForXenbusState(
       store, paths_.backend + "/state", "blkfront-backend",
       [](XenbusState s) { return s == XenbusState::kInitWait || s == XenbusState::kConnected; },
-      [](XenbusState s) { return s == XenbusState::kClosing || s == XenbusState::kClosed; },
-      options_.timeout_ms);
+      [](XenbusState s) { return s == XenbusState::kClosing; }, options_.timeout_ms);
   if (!backend_state.ok()) return backend_state.status();
   if (absl::Status status = ReadBackendFeatures(); !status.ok()) return status;
   if (absl::Status status = SetUpRings(); !status.ok()) return status;

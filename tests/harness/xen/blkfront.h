@@ -4,11 +4,12 @@
 // XenPlatform for that domain and its GuestDomain memory) that performs the frontend side of the
 // XenbusState handshake of xen/io/blkif.h, as Linux's xen-blkfront does in talk_to_blkback():
 //
-//   wait for the backend's InitWait -> read its features -> allocate and SHARED_RING_INIT the
-//   ring page(s) of each queue in guest memory, grant them to the backend, allocate an unbound
-//   event channel per queue -> write ring-ref (or ring-page-order + ring-ref<i>), event-channel,
-//   protocol, feature-persistent in one transaction (with several queues: multi-queue-num-queues
-//   and the per-queue keys under queue-<n>/) -> Initialised -> wait for the backend's Connected
+//   Initialising -> wait for the backend's InitWait -> read its features -> allocate and
+//   SHARED_RING_INIT the ring page(s) of each queue in guest memory, grant them to the backend,
+//   allocate an unbound event channel per queue -> write ring-ref (or ring-page-order +
+//   ring-ref<i>), event-channel, protocol, feature-persistent in one transaction (with several
+//   queues: multi-queue-num-queues and the per-queue keys under queue-<n>/) -> Initialised -> wait
+//   for the backend's Connected
 //   -> read sectors/info/sector-size -> Connected.
 //
 // Then the data path of blkfront.c, per queue: requests are produced on the shared ring in the
@@ -30,9 +31,11 @@
 // Also here: the toolstack's xenstore entries for a vbd, which a test writes as dom0.
 //
 // Threading: one owner thread. Every wait is bounded by `timeout_ms` and fails with
-// DeadlineExceeded; a backend that goes to Closing/Closed during the handshake fails it with
-// FailedPrecondition. The backend is not trusted: a response with an id that names no request in
-// flight is dropped and counted (bogus_responses), never dereferenced.
+// DeadlineExceeded; a backend that goes to Closing during the handshake (or Closed after the
+// frontend's Initialised) fails it with FailedPrecondition. A backend found Closed at the start
+// (an earlier frontend closed) is waited for: Initialising brings it back to InitWait. The backend
+// is not trusted: a response with an id that names no request in flight is dropped and counted
+// (bogus_responses), never dereferenced.
 
 #include <stdint.h>
 

@@ -263,11 +263,23 @@ TEST_F(BlkfrontHandshakeTest, GuestCannotWriteTheBackendDirectory) {
 }
 
 TEST_F(BlkfrontHandshakeTest, BackendClosingDuringHandshakeFailsConnect) {
-  ASSERT_TRUE(dom0_->xenstore().Write(paths_.backend + "/state", "6", kNoTransaction).ok());
+  ASSERT_TRUE(dom0_->xenstore().Write(paths_.backend + "/state", "5", kNoTransaction).ok());
   Blkfront front(guest_platform_.get(), guest_.get(), BlkfrontOptions{});
   absl::Status status = front.Connect();
   EXPECT_TRUE(absl::IsFailedPrecondition(status)) << status;
-  EXPECT_THAT(status.message(), HasSubstr("state 6"));
+  EXPECT_THAT(status.message(), HasSubstr("state 5"));
+}
+
+// A backend left Closed by an earlier frontend is not a failure: the new frontend says
+// Initialising and waits for InitWait (here it never comes, so the wait times out).
+TEST_F(BlkfrontHandshakeTest, ClosedBackendIsWaitedFor) {
+  ASSERT_TRUE(dom0_->xenstore().Write(paths_.backend + "/state", "6", kNoTransaction).ok());
+  ASSERT_TRUE(dom0_->xenstore().Write(paths_.frontend + "/state", "6", kNoTransaction).ok());
+  BlkfrontOptions options;
+  options.timeout_ms = 200;
+  Blkfront front(guest_platform_.get(), guest_.get(), options);
+  EXPECT_TRUE(absl::IsDeadlineExceeded(front.Connect()));
+  EXPECT_EQ(dom0_->xenstore().Read(paths_.frontend + "/state", kNoTransaction).value_or(""), "1");
 }
 
 TEST_F(BlkfrontHandshakeTest, NoBackendTimesOut) {

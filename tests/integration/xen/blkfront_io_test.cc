@@ -708,6 +708,42 @@ class ProductBackendTest : public BlkfrontIoTest {
   worker::xen::BlkifBackendStats stats_;
 };
 
+// Linux's xenbus reconnect: a second frontend after the first closed. The backend, Closed, goes
+// back to InitWait on Initialising and serves the new rings; data written by the first is read
+// back by the second.
+TEST_F(ProductBackendTest, ReconnectsAfterClose) {
+  StartBackend(worker::xen::BlkifBackendOptions{}, /*read_only=*/false);
+  BlkfrontOptions options;
+  options.slots_per_queue = 8;
+  options.max_request_bytes = 4096;
+  ConnectFront(options);
+  WorkloadOptions workload;
+  workload.random = false;
+  workload.read_percent = 0;
+  workload.iodepth = 8;
+  workload.ops = 64;  // sectors 0..511
+  workload.verify = true;
+  auto first = RunWorkload(*front_, workload);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(first->total_errors(), 0u);
+  ASSERT_TRUE(front_->Disconnect().ok());
+  front_.reset();
+
+  options.protocol = "x86_32-abi";  // a different guest kernel this time
+  options.persistent_grants = false;
+  ConnectFront(options);
+  auto slot = front_->AcquireSlot(0);
+  ASSERT_TRUE(slot);
+  EXPECT_EQ(RoundTrip(0, *slot, {BlkfrontOp::kRead, 8, 8, 0, false}).status, BLKIF_RSP_OKAY);
+  const std::byte* data = front_->Slot(0, *slot).data.data();
+  for (uint32_t i = 0; i < 8; ++i) {
+    uint32_t found = 0;
+    // Sequential writes of one block each: block 1 (sectors 8..15) was the second write.
+    EXPECT_EQ(CheckVerifySector(data + i * 512, 8 + i, 2, &found), "") << i;
+  }
+  front_->ReleaseSlot(0, *slot);
+}
+
 struct ProductParams {
   const char* protocol;
   bool persistent;
