@@ -216,6 +216,13 @@ std::string WorkloadResult::ToJson(const Blkfront& front) const {
     first = false;
   }
   j += "}}";
+  j += ",\"not_advertised\":[";
+  first = true;
+  for (const std::string& op : not_advertised) {
+    j += (first ? "" : ",") + JsonString(op);
+    first = false;
+  }
+  j += "]";
   j += ",\"verify\":{\"sectors_checked\":" + std::to_string(sectors_verified) +
        ",\"failures\":" + std::to_string(verify_failures) + ",\"mismatches\":[";
   first = true;
@@ -290,6 +297,7 @@ class WorkloadRunner {
   uint64_t deadline_ns_ = 0;
   uint32_t flush_every_ = 0;
   uint32_t discard_every_ = 0;
+  uint32_t barrier_every_ = 0;
   uint32_t iodepth_ = 1;
   uint64_t region_first_ = 0;
   uint64_t region_sectors_ = 0;
@@ -351,8 +359,7 @@ absl::Status WorkloadRunner::Submit(const NextOp& op, uint32_t queue, uint32_t s
   record = InFlight{op.op, op.sector, op.nr_sectors, 0};
   // Barriers carry their data directly (indirect_op is READ or WRITE only): larger blocks stay
   // plain writes.
-  if (op.op == BlkfrontOp::kWrite && options_.barrier_every &&
-      ++writes_issued_ % options_.barrier_every == 0 &&
+  if (op.op == BlkfrontOp::kWrite && barrier_every_ && ++writes_issued_ % barrier_every_ == 0 &&
       op.nr_sectors <= BLKIF_MAX_SEGMENTS_PER_REQUEST * worker::xen::kSectorsPerPage) {
     record.op = BlkfrontOp::kBarrier;
   }
@@ -474,8 +481,14 @@ absl::Status WorkloadRunner::Run() {
   read_percent_ = options_.read_percent;
   ops_limit_ = options_.ops;
   deadline_ns_ = start + options_.runtime_ms * 1000000ull;
-  flush_every_ = options_.flush_every;
-  discard_every_ = options_.discard_every;
+  // Like a real blkfront, do not send what the backend did not advertise (hostile mode does).
+  const BlkbackInfo& info = front_.backend_info();
+  flush_every_ = info.feature_flush_cache ? options_.flush_every : 0;
+  discard_every_ = info.feature_discard ? options_.discard_every : 0;
+  barrier_every_ = info.feature_barrier ? options_.barrier_every : 0;
+  if (options_.flush_every && !flush_every_) result_.not_advertised.push_back("flush");
+  if (options_.discard_every && !discard_every_) result_.not_advertised.push_back("discard");
+  if (options_.barrier_every && !barrier_every_) result_.not_advertised.push_back("barrier");
   absl::Status status = Loop();
   if (status.ok() && options_.read_back) {
     random_ = false;

@@ -106,6 +106,8 @@ struct WorkloadResult {
   // Error responses to well-formed requests, by kind: "read_error", "write_error",
   // "flush_eopnotsupp", ... plus "bogus_response", "grants_still_mapped".
   std::map<std::string, uint64_t> errors;
+  // Flushes, discards or barriers asked for but not sent: the backend does not advertise them.
+  std::vector<std::string> not_advertised;
   uint64_t sectors_verified = 0;
   uint64_t verify_failures = 0;
   std::vector<VerifyMismatch> mismatches;  // the first few

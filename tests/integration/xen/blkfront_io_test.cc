@@ -366,6 +366,36 @@ INSTANTIATE_TEST_SUITE_P(RingsAndQueues, BlkfrontTopologyTest,
                                            TopologyParams{1, 4, true, "native"},
                                            TopologyParams{2, 4, false, "x86_64-abi"}));
 
+// Like a real blkfront, the workload sends no flush, discard or barrier the backend does not
+// advertise, and says so.
+TEST_F(BlkfrontIoTest, WorkloadSkipsWhatIsNotAdvertised) {
+  ScriptedBlkbackOptions backend = BackendOptions();
+  backend.flush = false;
+  backend.discard = false;
+  backend.barrier = false;
+  BlkfrontOptions options;
+  options.slots_per_queue = 4;
+  options.max_request_bytes = 4096;
+  Connect(backend, options);
+  WorkloadOptions workload;
+  workload.read_percent = 50;
+  workload.iodepth = 4;
+  workload.ops = 100;
+  workload.flush_every = 10;
+  workload.discard_every = 10;
+  workload.barrier_every = 2;
+  auto result = RunWorkload(*front_, workload);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->flushes + result->discards, 0u);
+  EXPECT_EQ(result->total_errors(), 0u);
+  EXPECT_EQ(result->not_advertised, (std::vector<std::string>{"flush", "discard", "barrier"}));
+  EXPECT_THAT(result->ToJson(*front_),
+              HasSubstr("\"not_advertised\":[\"flush\",\"discard\",\"barrier\"]"));
+  Disconnect();
+  EXPECT_EQ(backend_->report().ops[BLKIF_OP_WRITE_BARRIER], 0u);
+  EXPECT_EQ(backend_->report().ops[BLKIF_OP_FLUSH_DISKCACHE], 0u);
+}
+
 // The fake backend flips a byte of sector 100 in every read: verify mode must say so, and name
 // the sector.
 TEST_F(BlkfrontIoTest, VerifyReportsACorruptedSector) {
