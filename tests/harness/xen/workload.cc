@@ -156,27 +156,31 @@ void FillVerifySector(std::byte* sector, uint64_t lba, uint32_t generation) {
   std::memcpy(sector, w, kSector);
 }
 
-std::string CheckVerifySector(const std::byte* sector, uint64_t lba, uint32_t generation,
-                              uint32_t* found_generation) {
+VerifyCheck CheckVerifySector(const std::byte* sector, uint64_t lba, uint32_t generation) {
   uint64_t w[kWords];
   std::memcpy(w, sector, kSector);
-  *found_generation = w[0] == kMagic ? static_cast<uint32_t>(w[2]) : 0;
+  VerifyCheck check;
+  check.found_generation = w[0] == kMagic ? static_cast<uint32_t>(w[2]) : 0;
+  auto fail = [&check](std::string_view reason) {
+    check.reason = reason;
+    return check;
+  };
   if (generation == 0) {
     for (uint64_t word : w) {
-      if (word != 0) return "not_zero";
+      if (word != 0) return fail("not_zero");
     }
-    return "";
+    return check;
   }
-  if (w[0] != kMagic) return "bad_magic";
-  if (Checksum(w) != w[kChecksumWord]) return "checksum";
-  if (w[1] != lba) return "wrong_lba";
-  if (w[2] != generation) return "stale_generation";
+  if (w[0] != kMagic) return fail("bad_magic");
+  if (Checksum(w) != w[kChecksumWord]) return fail("checksum");
+  if (w[1] != lba) return fail("wrong_lba");
+  if (w[2] != generation) return fail("stale_generation");
   // The checksum covers the pattern, but a sector rewritten whole with another valid pattern
   // would pass it: compare with the expected bytes too.
   std::byte expected[kSector];
   FillVerifySector(expected, lba, generation);
-  if (std::memcmp(expected, sector, kSector) != 0) return "pattern";
-  return "";
+  if (std::memcmp(expected, sector, kSector) != 0) return fail("pattern");
+  return check;
 }
 
 uint64_t WorkloadResult::total_errors() const {
@@ -389,14 +393,14 @@ void WorkloadRunner::CheckRead(const InFlight& op, const SlotView& view) {
   for (uint32_t i = 0; i < op.nr_sectors; ++i) {
     const uint32_t expected = generations_[first + i];
     if (expected == kUnknownGeneration || (expected == 0 && !options_.assume_zeroed)) continue;
-    uint32_t found = 0;
-    std::string reason =
-        CheckVerifySector(view.data.data() + size_t{i} * kSector, op.sector + i, expected, &found);
+    const VerifyCheck check =
+        CheckVerifySector(view.data.data() + size_t{i} * kSector, op.sector + i, expected);
     ++result_.sectors_verified;
-    if (reason.empty()) continue;
+    if (check.ok()) continue;
     ++result_.verify_failures;
     if (result_.mismatches.size() < kMaxMismatchesKept) {
-      result_.mismatches.push_back({op.sector + i, expected, found, std::move(reason)});
+      result_.mismatches.push_back(
+          {op.sector + i, expected, check.found_generation, std::string(check.reason)});
     }
   }
 }
@@ -758,13 +762,13 @@ absl::Status HostileRunner::GoodRoundTrip(uint32_t queue, std::string* failure) 
     result_.bytes_read += kSectors * kSector;
     if (writable) {
       for (uint32_t i = 0; i < kSectors; ++i) {
-        uint32_t found = 0;
-        std::string reason = CheckVerifySector(front_.Slot(queue, *slot).data.data() + i * kSector,
-                                               sector + i, generation, &found);
+        const VerifyCheck check = CheckVerifySector(
+            front_.Slot(queue, *slot).data.data() + i * kSector, sector + i, generation);
         ++result_.sectors_verified;
-        if (!reason.empty()) {
+        if (!check.ok()) {
           ++result_.verify_failures;
-          *failure = "good read back: " + reason + " at sector " + std::to_string(sector + i);
+          *failure = "good read back: " + std::string(check.reason) + " at sector " +
+                     std::to_string(sector + i);
           break;
         }
       }

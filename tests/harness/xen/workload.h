@@ -28,6 +28,7 @@
 #include <array>
 #include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -138,8 +139,13 @@ absl::Status RunHostile(Blkfront& front, const HostileOptions& options, Workload
 
 // The verify format, for tests that look at sectors directly.
 void FillVerifySector(std::byte* sector, uint64_t lba, uint32_t generation);
-// Empty if `sector` holds (lba, generation) intact; otherwise the reason.
-std::string CheckVerifySector(const std::byte* sector, uint64_t lba, uint32_t generation,
-                              uint32_t* found_generation);
+struct VerifyCheck {
+  // Empty if the sector holds (lba, generation) intact; else "checksum", "wrong_lba",
+  // "stale_generation", "bad_magic", "pattern" or "not_zero" (generation 0: zeroes expected).
+  std::string_view reason;
+  uint32_t found_generation = 0;  // what the sector's header says (0 without the magic)
+  bool ok() const { return reason.empty(); }
+};
+VerifyCheck CheckVerifySector(const std::byte* sector, uint64_t lba, uint32_t generation);
 
 }  // namespace blockplane::harness

@@ -565,18 +565,18 @@ TEST_F(BlkfrontIoTest, SlotsWhosePagesStayMappedAreHeldBack) {
 
 TEST(VerifyFormatTest, DetectsEachKindOfDamage) {
   std::byte sector[512];
-  uint32_t found = 0;
   FillVerifySector(sector, 77, 5);
-  EXPECT_EQ(CheckVerifySector(sector, 77, 5, &found), "");
-  EXPECT_EQ(found, 5u);
-  EXPECT_EQ(CheckVerifySector(sector, 78, 5, &found), "wrong_lba");
-  EXPECT_EQ(CheckVerifySector(sector, 77, 6, &found), "stale_generation");
-  EXPECT_EQ(CheckVerifySector(sector, 77, 0, &found), "not_zero");
+  EXPECT_TRUE(CheckVerifySector(sector, 77, 5).ok());
+  EXPECT_EQ(CheckVerifySector(sector, 77, 5).found_generation, 5u);
+  EXPECT_EQ(CheckVerifySector(sector, 78, 5).reason, "wrong_lba");
+  EXPECT_EQ(CheckVerifySector(sector, 77, 6).reason, "stale_generation");
+  EXPECT_EQ(CheckVerifySector(sector, 77, 0).reason, "not_zero");
   sector[300] ^= std::byte{1};
-  EXPECT_EQ(CheckVerifySector(sector, 77, 5, &found), "checksum");
+  EXPECT_EQ(CheckVerifySector(sector, 77, 5).reason, "checksum");
   std::memset(sector, 0, sizeof(sector));
-  EXPECT_EQ(CheckVerifySector(sector, 77, 0, &found), "");
-  EXPECT_EQ(CheckVerifySector(sector, 77, 5, &found), "bad_magic");
+  EXPECT_TRUE(CheckVerifySector(sector, 77, 0).ok());
+  EXPECT_EQ(CheckVerifySector(sector, 77, 5).reason, "bad_magic");
+  EXPECT_EQ(CheckVerifySector(sector, 77, 5).found_generation, 0u);
 }
 
 TEST(LatencyHistogramTest, QuantilesAreWithinOneBucket) {
@@ -767,9 +767,8 @@ TEST_F(ProductBackendTest, ReconnectsAfterClose) {
   EXPECT_EQ(RoundTrip(0, *slot, {BlkfrontOp::kRead, 8, 8, 0, false}).status, BLKIF_RSP_OKAY);
   const std::byte* data = front_->Slot(0, *slot).data.data();
   for (uint32_t i = 0; i < 8; ++i) {
-    uint32_t found = 0;
     // Sequential writes of one block each: block 1 (sectors 8..15) was the second write.
-    EXPECT_EQ(CheckVerifySector(data + i * 512, 8 + i, 2, &found), "") << i;
+    EXPECT_TRUE(CheckVerifySector(data + i * 512, 8 + i, 2).ok()) << i;
   }
   front_->ReleaseSlot(0, *slot);
 }
