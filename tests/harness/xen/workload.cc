@@ -466,6 +466,13 @@ absl::Status WorkloadRunner::Run() {
   if (region_first_ + region_sectors_ > disk || region_sectors_ < block_sectors_) {
     return absl::InvalidArgumentError("workload region outside the disk or smaller than a block");
   }
+  // Verify keeps 9 bytes per sector of the region (generation, in-flight readers and writer).
+  constexpr uint64_t kMaxVerifySectors = uint64_t{1} << 26;  // 32 GiB of disk, ~600 MB here
+  if (options_.verify && region_sectors_ > kMaxVerifySectors) {
+    return absl::InvalidArgumentError("verify region of " + std::to_string(region_sectors_) +
+                                      " sectors is above " + std::to_string(kMaxVerifySectors) +
+                                      ": narrow it with sectors (--size-sectors)");
+  }
   if (options_.ops == 0 && options_.runtime_ms == 0) {
     return absl::InvalidArgumentError("give a number of ops or a runtime");
   }
