@@ -277,7 +277,17 @@ absl::Status BlkifBackend::Start() {
     backend_state_ = *s;
   }
   if (absl::Status s = PublishFeatures(); !s.ok()) return s;
-  if (absl::Status s = SwitchState(XenbusState::kInitWait); !s.ok()) return s;
+  // A frontend still Closed (or Closing) from an earlier connection, e.g. before this worker was
+  // restarted, must re-initialise first: advertising InitWait now and bouncing to Closed on the
+  // first watch event would close the backend under a frontend that starts connecting meanwhile.
+  absl::StatusOr<uint64_t> frontend_state = ReadNumber(store, frontend_path_ + "/state", 0);
+  bool frontend_closed =
+      frontend_state.ok() && (*frontend_state == static_cast<uint64_t>(XenbusState::kClosing) ||
+                              *frontend_state == static_cast<uint64_t>(XenbusState::kClosed));
+  if (absl::Status s = SwitchState(frontend_closed ? XenbusState::kClosed : XenbusState::kInitWait);
+      !s.ok()) {
+    return s;
+  }
   if (absl::Status s = store.Watch(frontend_path_ + "/state", watch_token_); !s.ok()) return s;
   watching_ = true;
   xenstore_watch_ = loop_->AddFd(store.WatchFd(), POLLIN, [this](uint32_t) { OnXenstoreWatch(); });
