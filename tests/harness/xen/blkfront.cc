@@ -8,6 +8,7 @@
 #include <charconv>
 #include <cstring>
 
+#include "absl/strings/match.h"
 #include "common/logging.h"
 #include "worker/xen/blkif_ring.h"
 
@@ -293,6 +294,18 @@ absl::Status Blkfront::PublishRing() {
   XenStore& store = platform_->xenstore();
   const std::string& fe = paths_.frontend;
   return store.RunTransaction([&](TransactionId tx) -> absl::Status {
+    // Keys of an earlier connection (another queue count, ring size or protocol) would be read
+    // as this one's: a backend that finds multi-queue-num-queues=2 from before binds the stale
+    // queue-0/event-channel. The frontend owns its directory, so it starts clean.
+    absl::StatusOr<std::vector<std::string>> existing = store.Directory(fe, tx);
+    if (!existing.ok()) return existing.status();
+    for (const std::string& name : *existing) {
+      if (name == "multi-queue-num-queues" || name == "ring-page-order" || name == "protocol" ||
+          name == "event-channel" || absl::StartsWith(name, "ring-ref") ||
+          absl::StartsWith(name, "queue-")) {
+        if (absl::Status status = store.Remove(fe + "/" + name, tx); !status.ok()) return status;
+      }
+    }
     std::vector<std::pair<std::string, std::string>> keys;
     if (ring_page_order_ != 0) {
       keys.emplace_back(fe + "/ring-page-order", std::to_string(ring_page_order_));
@@ -689,8 +702,8 @@ void Blkfront::Produce(uint32_t queue, uint32_t slot, const RawBlkifRequest& req
   std::byte* entry = RingEntry(q, q.req_prod_pvt);
   switch (protocol_) {
     case Protocol::kX86_32:
-      EncodeAs<worker::xen::blkif_x86_32_request, worker::xen::blkif_x86_32_request_discard,
-               worker::xen::blkif_x86_32_request_indirect>(request, id, entry);
+      EncodeAs<worker::xen::blkif_x86_64_request, worker::xen::blkif_x86_64_request_discard,
+               worker::xen::blkif_x86_64_request_indirect>(request, id, entry);
       break;
     case Protocol::kX86_64:
       EncodeAs<worker::xen::blkif_x86_64_request, worker::xen::blkif_x86_64_request_discard,
