@@ -138,6 +138,8 @@ internal::WorkerConfig DeviceManager::MakeConfig(const v1::Device& device) const
     config.set_xen_platform(options_.xen_platform);
     config.set_xen_run_dir(options_.xen_run_dir);
     config.set_xen_grant_copy(options_.xen_grant_copy);
+    config.set_xen_max_persistent_grants(
+        static_cast<uint32_t>(options_.xen_max_persistent_grants));
     if (absl::StatusOr<uint32_t> devid = ParseXenVirtualDevice(device.spec().xen().virtual_device());
         devid.ok()) {
       config.set_xen_devid(*devid);

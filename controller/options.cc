@@ -39,6 +39,8 @@ Flags:
                             xenstored socket is DIR/xenstored, XENSTORED_PATH for xenstore-*)
   --xen-grant-copy          copy data pages with grant copy instead of mapping them (no
                             persistent grants are offered then)
+  --xen-max-persistent-grants=N  persistent grants a Xen device keeps mapped per queue, least
+                            recently used released first (default 1056, as blkback)
   --log-level=LEVEL         debug, info, warning or error (default info)
   --help                    this text
 )";
@@ -122,6 +124,8 @@ absl::StatusOr<ControllerOptions> ParseControllerFlags(int argc, char** argv) {
       if ((s = need()).ok()) o.xen_run_dir = value;
     } else if (name == "--xen-grant-copy") {
       o.xen_grant_copy = true;
+    } else if (name == "--xen-max-persistent-grants") {
+      s = number(&o.xen_max_persistent_grants, 1);
     } else if (name == "--metrics-listen") {
       if ((s = need()).ok()) o.metrics_listen = value;
     } else if (name == "--enable-self-test-io") {

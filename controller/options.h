@@ -26,6 +26,7 @@ struct ControllerOptions {
   std::string xen_platform = "none";
   std::string xen_run_dir;
   bool xen_grant_copy = false;
+  int xen_max_persistent_grants = 0;  // 0: the worker default (1056)
   bool help = false;
 };
 

@@ -230,6 +230,9 @@ absl::Status Worker::StartXen() {
   options.max_indirect_segments =
       x.disable_indirect() ? 0 : (x.max_indirect_segments() == 0 ? 32 : x.max_indirect_segments());
   options.grant_mode = config_.xen_grant_copy() ? xen::GrantMode::kCopy : xen::GrantMode::kMap;
+  if (config_.xen_max_persistent_grants() != 0) {
+    options.max_persistent_grants = config_.xen_max_persistent_grants();
+  }
   xen_counters_ =
       stats_segment_ ? stats_segment_->transport<xen::BlkifCounters>() : &own_xen_counters_;
   options.counters = xen_counters_;
@@ -277,7 +280,8 @@ void Worker::DetachFrontend(std::function<void()> done) {
     xen::BlkifBackendStats stats = blkif_->Stats();
     BP_LOG(Info) << "blkif: " << stats.requests_taken << " requests, " << stats.grant_maps
                  << " pages mapped, " << stats.grant_unmaps << " unmapped, "
-                 << stats.persistent_hits << " persistent hits, " << blkif_->mapped_pages()
+                 << stats.persistent_hits << " persistent hits, " << stats.persistent_evictions
+                 << " persistent evictions, " << blkif_->mapped_pages()
                  << " still mapped";
     once("Closed");
   });
@@ -433,7 +437,10 @@ void Worker::SetState(internal::WorkerState state, const std::string& reason) {
 }
 
 void Worker::BeginStop(uint64_t reply_id, bool force) {
-  if (state_ == internal::WORKER_STATE_STOPPING) return;  // a detach is already under way
+  if (state_ == internal::WORKER_STATE_STOPPING) {  // a detach is already under way
+    if (reply_id != 0) Reply(reply_id, absl::OkStatus());
+    return;
+  }
   const bool frontend = blkif_ != nullptr;
   SetState(internal::WORKER_STATE_STOPPING, force ? "stop (force)" : "stop");
   if (!frontend) {

@@ -690,6 +690,27 @@ TEST_F(XenBackendE2eTest, FrontendReconnects) {
       testing::WaitFor([&] { return GetDevice().status().state() == v1::DEVICE_STATE_CONNECTED; }));
 }
 
+// A persistent-grant cache far smaller than the working set: least recently used grants are
+// released (and pages beyond the cap are mapped per request), data stays right, and nothing stays
+// mapped after detach.
+TEST_F(XenBackendE2eTest, PersistentGrantCacheEvictsLeastRecentlyUsed) {
+  StartAll({"--xen-max-persistent-grants=16"});
+  if (HasFatalFailure()) return;
+  ASSERT_TRUE(Attach(Spec(1, 0, true)).ok());
+  ConnectFrontend("x86_64-abi", true, 0, 1);
+  if (HasFatalFailure()) return;
+  VerifiedIo(*queues_[0], 0, 32, 4, false, 1, 32);   // 128 pages in flight, cap 16
+  VerifiedIo(*queues_[0], 0, 32, 1, false, 2, 4);    // small working set: hits
+  VerifiedIo(*queues_[0], 4096, 8, 20, true, 3, 8);  // indirect, above the cap per request
+  if (HasFatalFailure()) return;
+  ASSERT_TRUE(Detach().ok());
+  const std::string log = ReadWholeFile(controller_->log_path());
+  EXPECT_THAT(log, HasSubstr(" 0 still mapped"));
+  EXPECT_THAT(log, ::testing::Not(HasSubstr(" 0 persistent evictions")));
+  EXPECT_THAT(log, HasSubstr(" persistent evictions"));
+  EXPECT_TRUE(queues_[0]->RevokePersistentGrants());
+}
+
 // --xen-platform=host on a machine without Xen: attach says what is missing.
 TEST(XenHostPlatformTest, AttachWithoutXenFailsWithFailedPrecondition) {
   if (access("/dev/xen", F_OK) == 0) GTEST_SKIP() << "this machine is a Xen domain (/dev/xen)";
