@@ -359,6 +359,7 @@ absl::Status DeviceManager::Start() {
           [&](v1::DeviceStatus& s) {
             s.set_state(v1::DEVICE_STATE_ATTACHING);
             s.set_worker_pid(0);
+            s.clear_metrics_endpoint();  // no worker, no target
             s.set_last_error(absl::StrCat("worker was gone after a controller restart: ",
                                           adopted.status().message()));
           },
@@ -459,6 +460,7 @@ bool DeviceManager::RecordWorkerLossLocked(Entry& entry, const std::string& why)
         [&](v1::DeviceStatus& st) {
           st.set_state(v1::DEVICE_STATE_FAILED);
           st.set_worker_pid(0);
+          st.clear_metrics_endpoint();  // no worker, no target
           st.set_last_error(absl::StrCat(why, "; ", crashes, " failures within ",
                                          options_.restart_window.count() / 1000,
                                          " s, not restarting (ResumeDevice retries)"));
@@ -475,6 +477,7 @@ bool DeviceManager::RecordWorkerLossLocked(Entry& entry, const std::string& why)
       [&](v1::DeviceStatus& st) {
         st.set_state(v1::DEVICE_STATE_ATTACHING);
         st.set_worker_pid(0);
+        st.clear_metrics_endpoint();  // no worker, no target
         st.set_restart_count(st.restart_count() + 1);
         st.set_last_error(absl::StrCat(why, "; restarting in ", backoff.count(), " ms"));
       },
@@ -509,6 +512,7 @@ void DeviceManager::RunMonitor(Entry* entry) {
               st.set_state(v1::DEVICE_STATE_ATTACHING);
               st.set_worker_generation(st.worker_generation() + 1);
               st.set_worker_pid(0);
+              st.clear_metrics_endpoint();  // no worker, no target
             },
             "starting worker");
         if (!s.ok()) {
