@@ -401,6 +401,8 @@ TEST_P(XenBackendAbiTest, HandshakeVerifiedIoAndDetach) {
   EXPECT_THAT(log, HasSubstr("Connected -> Closing"));
   EXPECT_THAT(log, HasSubstr("Closing -> Closed"));
   EXPECT_THAT(log, HasSubstr(" 0 still mapped"));
+  // Also catches sanitizer reports at exit (ASan/LSan exit codes).
+  EXPECT_THAT(log, HasSubstr("worker exited with status 0"));
   // Every grant is free again: ring and (persistent) data pages.
   for (common::xen::GrantRef ref : blkfront_->queues()[0].ring_refs) {
     EXPECT_TRUE(guest_->EndAccess(ref)) << "ring grant " << ref << " still mapped";
@@ -706,6 +708,8 @@ TEST_F(XenBackendE2eTest, PersistentGrantCacheEvictsLeastRecentlyUsed) {
   ASSERT_TRUE(Detach().ok());
   const std::string log = ReadWholeFile(controller_->log_path());
   EXPECT_THAT(log, HasSubstr(" 0 still mapped"));
+  // Also catches sanitizer reports at exit (ASan/LSan exit codes).
+  EXPECT_THAT(log, HasSubstr("worker exited with status 0"));
   EXPECT_THAT(log, ::testing::Not(HasSubstr(" 0 persistent evictions")));
   EXPECT_THAT(log, HasSubstr(" persistent evictions"));
   EXPECT_TRUE(queues_[0]->RevokePersistentGrants());
