@@ -702,8 +702,8 @@ void Blkfront::Produce(uint32_t queue, uint32_t slot, const RawBlkifRequest& req
   std::byte* entry = RingEntry(q, q.req_prod_pvt);
   switch (protocol_) {
     case Protocol::kX86_32:
-      EncodeAs<worker::xen::blkif_x86_64_request, worker::xen::blkif_x86_64_request_discard,
-               worker::xen::blkif_x86_64_request_indirect>(request, id, entry);
+      EncodeAs<worker::xen::blkif_x86_32_request, worker::xen::blkif_x86_32_request_discard,
+               worker::xen::blkif_x86_32_request_indirect>(request, id, entry);
       break;
     case Protocol::kX86_64:
       EncodeAs<worker::xen::blkif_x86_64_request, worker::xen::blkif_x86_64_request_discard,
