@@ -738,15 +738,19 @@ class ProductBackendTest : public BlkfrontIoTest {
   worker::xen::BlkifBackendStats stats_;
 };
 
-// Linux's xenbus reconnect: a second frontend after the first closed. The backend, Closed, goes
-// back to InitWait on Initialising and serves the new rings; data written by the first is read
-// back by the second.
+// Linux's xenbus reconnect: a second frontend after the first closed, with another queue count,
+// ring size and ABI. The backend, Closed, goes back to InitWait on Initialising and serves the new
+// rings (none of the first connection's keys linger); data written by the first is read back by
+// the second.
 TEST_F(ProductBackendTest, ReconnectsAfterClose) {
   StartBackend(worker::xen::BlkifBackendOptions{}, /*read_only=*/false);
   BlkfrontOptions options;
   options.slots_per_queue = 8;
   options.max_request_bytes = 4096;
+  options.num_queues = 2;
+  options.ring_page_order = 1;
   ConnectFront(options);
+  ASSERT_EQ(front_->num_queues(), 2u);
   WorkloadOptions workload;
   workload.random = false;
   workload.read_percent = 0;
@@ -761,7 +765,10 @@ TEST_F(ProductBackendTest, ReconnectsAfterClose) {
 
   options.protocol = "x86_32-abi";  // a different guest kernel this time
   options.persistent_grants = false;
+  options.num_queues = 1;
+  options.ring_page_order = 0;
   ConnectFront(options);
+  ASSERT_EQ(front_->num_queues(), 1u);
   auto slot = front_->AcquireSlot(0);
   ASSERT_TRUE(slot);
   EXPECT_EQ(RoundTrip(0, *slot, {BlkfrontOp::kRead, 8, 8, 0, false}).status, BLKIF_RSP_OKAY);
