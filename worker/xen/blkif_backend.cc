@@ -4,6 +4,8 @@
 #include <poll.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <list>
@@ -439,8 +441,17 @@ absl::Status BlkifBackend::ConnectRings() {
     auto queue = std::make_unique<Queue>(this, q);
     std::span<std::byte> bytes =
         rings->bytes().subspan(size_t{q} * pages * kXenPageSize, size_t{pages} * kXenPageSize);
+    // Resume after the last published response (BACK_RING_ATTACH): 0 on a fresh ring, and where
+    // a previous worker of this device stopped if it crashed while the frontend stayed connected
+    // (requests it took but did not answer are taken again). Read once; a bogus value only makes
+    // the ring look overflowed, which stops this queue.
+    const RingIdx start =
+        std::atomic_ref<uint32_t>(
+            *reinterpret_cast<uint32_t*>(bytes.data() + offsetof(blkif_sring, rsp_prod)))
+            .load(std::memory_order_acquire);
     absl::StatusOr<BlkifBackRing> ring = BlkifBackRing::Attach(
-        protocol_, std::span<uint8_t>(reinterpret_cast<uint8_t*>(bytes.data()), bytes.size()));
+        protocol_, std::span<uint8_t>(reinterpret_cast<uint8_t*>(bytes.data()), bytes.size()),
+        start);
     if (!ring.ok()) return ring.status();
     queue->ring.emplace(std::move(*ring));
     absl::StatusOr<std::unique_ptr<common::xen::EventChannel>> channel =
