@@ -162,8 +162,7 @@ void Hypervisor::OnRequest(DomainId domid, int fd) {
   auto received = common::xen::ReceiveWithFds(
       fd, std::as_writable_bytes(std::span<HypervisorRequest>(&request, 1)), 0);
   if (!received.ok() || received->size == 0) {
-    loop_->Remove(fd);
-    connections_.erase(fd);  // closes
+    DropConnection(fd);
     return;
   }
   HypervisorReply reply;
@@ -171,17 +170,54 @@ void Hypervisor::OnRequest(DomainId domid, int fd) {
   if (received->size != sizeof(request) || received->truncated || request.magic != kProtocolMagic) {
     reply.error = EINVAL;
   } else {
-    Handle(domid, request, &reply, &fds);
+    Handle(fd, domid, request, &reply, &fds);
   }
   if (!common::xen::SendWithFds(fd, std::as_bytes(std::span<HypervisorReply>(&reply, 1)), fds)
            .ok()) {
-    loop_->Remove(fd);
-    connections_.erase(fd);
+    DropConnection(fd);
   }
 }
 
-void Hypervisor::Handle(DomainId caller, const HypervisorRequest& request, HypervisorReply* reply,
-                        std::vector<int>* fds) {
+void Hypervisor::DropConnection(int fd) {
+  loop_->Remove(fd);
+  for (auto& [domid, domain] : domains_) {
+    std::vector<uint32_t> owned;
+    for (const auto& [port, entry] : domain.ports) {
+      if (entry.owner_fd == fd) owned.push_back(port);
+    }
+    for (uint32_t port : owned) ClosePort(domid, port);
+    if (!owned.empty()) {
+      BP_LOG(Info) << "hypervisor: d" << domid << " closed " << owned.size()
+                   << " event channel(s) of a connection that went away";
+    }
+  }
+  connections_.erase(fd);  // closes
+}
+
+bool Hypervisor::ClosePort(DomainId domid, uint32_t port) {
+  Domain& self = DomainOf(domid);
+  auto it = self.ports.find(port);
+  if (it == self.ports.end()) return false;
+  Port closed = std::move(it->second);
+  self.ports.erase(it);
+  if (closed.bound) {
+    // The peer's port goes back to unbound, offered to the closer again, as in Xen; it keeps
+    // its eventfds, so a later bind reuses them.
+    auto peer_domain = domains_.find(closed.remote_domid);
+    if (peer_domain != domains_.end()) {
+      auto peer = peer_domain->second.ports.find(closed.remote_port);
+      if (peer != peer_domain->second.ports.end()) {
+        peer->second.bound = false;
+        peer->second.remote_port = 0;
+        peer->second.remote_domid = domid;
+      }
+    }
+  }
+  return true;
+}
+
+void Hypervisor::Handle(int fd, DomainId caller, const HypervisorRequest& request,
+                        HypervisorReply* reply, std::vector<int>* fds) {
   const DomainId target = static_cast<DomainId>(request.domid);
   if (request.domid > 0xffff) {
     reply->error = EINVAL;
@@ -243,7 +279,7 @@ void Hypervisor::Handle(DomainId caller, const HypervisorRequest& request, Hyper
         }
       }
       uint32_t port = self.next_port++;
-      self.ports[port] = Port{target, 0, false, channel, 0};
+      self.ports[port] = Port{target, 0, false, channel, 0, fd};
       reply->value0 = port;
       fds->push_back(channel->wake[0].get());  // receive
       fds->push_back(channel->wake[1].get());  // notify the peer
@@ -271,36 +307,15 @@ void Hypervisor::Handle(DomainId caller, const HypervisorRequest& request, Hyper
       std::shared_ptr<Channel> channel = remote->second.channel;
       remote->second.bound = true;
       remote->second.remote_port = port;
-      self.ports[port] = Port{target, request.arg0, true, channel, 1};
+      self.ports[port] = Port{target, request.arg0, true, channel, 1, fd};
       reply->value0 = port;
       fds->push_back(channel->wake[1].get());
       fds->push_back(channel->wake[0].get());
       return;
     }
-    case HypervisorOp::kEvtchnClose: {
-      Domain& self = DomainOf(caller);
-      auto it = self.ports.find(request.arg0);
-      if (it == self.ports.end()) {
-        reply->error = EINVAL;
-        return;
-      }
-      Port closed = std::move(it->second);
-      self.ports.erase(it);
-      if (closed.bound) {
-        // The peer's port goes back to unbound, offered to the closer again, as in Xen; it keeps
-        // its eventfds, so a later bind reuses them.
-        auto peer_domain = domains_.find(closed.remote_domid);
-        if (peer_domain != domains_.end()) {
-          auto peer = peer_domain->second.ports.find(closed.remote_port);
-          if (peer != peer_domain->second.ports.end()) {
-            peer->second.bound = false;
-            peer->second.remote_port = 0;
-            peer->second.remote_domid = caller;
-          }
-        }
-      }
+    case HypervisorOp::kEvtchnClose:
+      if (!ClosePort(caller, request.arg0)) reply->error = EINVAL;
       return;
-    }
   }
   reply->error = EINVAL;
 }

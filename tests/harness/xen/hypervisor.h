@@ -60,6 +60,9 @@ class Hypervisor {
     bool bound = false;
     std::shared_ptr<Channel> channel;
     int side = 0;
+    // The connection that opened the port. When it goes away (the process exited or was killed)
+    // its ports are closed, as the kernel's evtchn driver does when its file is released.
+    int owner_fd = -1;
   };
   struct Domain {
     uint32_t pages = 0;
@@ -75,7 +78,11 @@ class Hypervisor {
   absl::Status Listen(DomainId domid);
   void Accept(DomainId domid, int listen_fd);
   void OnRequest(DomainId domid, int fd);
-  void Handle(DomainId caller, const common::xen::emulated::HypervisorRequest& request,
+  // Closes `port` of `domid` (EVTCHNOP_close semantics). False if there is no such port.
+  bool ClosePort(DomainId domid, uint32_t port);
+  // Closes the connection `fd` and every event-channel port it opened.
+  void DropConnection(int fd);
+  void Handle(int fd, DomainId caller, const common::xen::emulated::HypervisorRequest& request,
               common::xen::emulated::HypervisorReply* reply, std::vector<int>* fds);
   Domain& DomainOf(DomainId domid);  // creates dom0's (memory-less) entry on demand
 

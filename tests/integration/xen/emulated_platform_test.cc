@@ -507,6 +507,30 @@ TEST_F(HypervisorSocketTest, GuestsAreConfinedToThemselves) {
   EXPECT_TRUE(dom0_->BindInterdomain(kGuest, (*offered)->local_port()).ok());
 }
 
+// A backend process that dies (kill -9) never closes its event channels; on Xen the kernel's
+// evtchn driver closes them when the process's file is released, so the guest's port is offered
+// again and the next backend process can bind it. The emulated host does the same when the dead
+// process's hypervisor connection goes away.
+TEST_F(HypervisorSocketTest, PortsOfAConnectionThatGoesAwayAreClosed) {
+  using common::xen::emulated::HypervisorOp;
+  auto offered = guest_platform_->AllocUnbound(0);
+  ASSERT_TRUE(offered.ok()) << offered.status();
+  const uint32_t port = (*offered)->local_port();
+  {
+    common::UniqueFd dying = Connect(host_->HypervisorSocket(0));
+    ASSERT_EQ(Call(dying.get(), HypervisorOp::kEvtchnBindInterdomain, kGuest, port), 0);
+    EXPECT_EQ(StatusToErrno(dom0_->BindInterdomain(kGuest, port).status()), EINVAL);  // taken
+  }  // the connection closes without EvtchnClose
+  absl::StatusOr<std::unique_ptr<EventChannel>> rebound = absl::UnknownError("not tried");
+  for (int attempt = 0; attempt < 500 && !rebound.ok(); ++attempt) {
+    rebound = dom0_->BindInterdomain(kGuest, port);
+    if (!rebound.ok()) usleep(10000);  // the host notices the hang-up on its own thread
+  }
+  ASSERT_TRUE(rebound.ok()) << rebound.status();
+  ASSERT_TRUE((*rebound)->Notify().ok());
+  EXPECT_TRUE(WaitReadable((*offered)->ReadinessFd()));
+}
+
 TEST(HostPlatformTest, FailsClearlyWithoutDevXen) {
   auto platform = common::xen::CreateHostXenPlatformAt("/nonexistent/dev/xen");
   ASSERT_FALSE(platform.ok());
