@@ -17,8 +17,8 @@
 #include "common/logging.h"
 #include "controller/device_state.h"
 #include "controller/validation.h"
-#include "worker/metrics/stats_segment.h"
 #include "google/protobuf/util/message_differencer.h"
+#include "worker/metrics/stats_segment.h"
 
 namespace blockplane::controller {
 namespace {
@@ -138,9 +138,9 @@ internal::WorkerConfig DeviceManager::MakeConfig(const v1::Device& device) const
     config.set_xen_platform(options_.xen_platform);
     config.set_xen_run_dir(options_.xen_run_dir);
     config.set_xen_grant_copy(options_.xen_grant_copy);
-    config.set_xen_max_persistent_grants(
-        static_cast<uint32_t>(options_.xen_max_persistent_grants));
-    if (absl::StatusOr<uint32_t> devid = ParseXenVirtualDevice(device.spec().xen().virtual_device());
+    config.set_xen_max_persistent_grants(static_cast<uint32_t>(options_.xen_max_persistent_grants));
+    if (absl::StatusOr<uint32_t> devid =
+            ParseXenVirtualDevice(device.spec().xen().virtual_device());
         devid.ok()) {
       config.set_xen_devid(*devid);
     }
@@ -207,7 +207,8 @@ absl::Status DeviceManager::UpdateLocked(Entry& entry,
     }
     *updated.mutable_status()->mutable_state_changed_at() = Now();
   }
-  if (absl::Status s = TimedRegistryWrite([&] { return registry_->Put(updated, previous, reason); });
+  if (absl::Status s =
+          TimedRegistryWrite([&] { return registry_->Put(updated, previous, reason); });
       !s.ok()) {
     BP_LOG(Error) << "device " << entry.device.id() << ": " << s;
     return s;
@@ -581,7 +582,18 @@ void DeviceManager::RunMonitor(Entry* entry) {
         if (!read.ok()) control_open = false;
       }
       if (fds[0].revents & POLLIN) {
+        // Replies and events the worker sent before dying still count.
+        if (control_open) {
+          worker
+              ->ReadMessages([&](const internal::WorkerStatus& status, const std::string& reason) {
+                std::lock_guard lock(mu_);
+                ApplyWorkerStatusLocked(*entry, status, reason).IgnoreError();
+              })
+              .IgnoreError();
+        }
         exit_reason = worker->Reap();
+        worker->FailPendingCalls(absl::UnavailableError(absl::StrCat(
+            "the device's worker ", exit_reason, " before answering; it is being restarted")));
         break;
       }
     }
@@ -946,9 +958,9 @@ absl::StatusOr<v1::DeviceStats> DeviceManager::Stats(const std::string& device_i
   return CallForStats(device_id, std::move(request), deadline);
 }
 
-absl::StatusOr<v1::DeviceStats> DeviceManager::SelfTestIo(
-    const std::string& device_id, const internal::SelfTestIoRequest& io,
-    Clock::time_point deadline) {
+absl::StatusOr<v1::DeviceStats> DeviceManager::SelfTestIo(const std::string& device_id,
+                                                          const internal::SelfTestIoRequest& io,
+                                                          Clock::time_point deadline) {
   internal::ControlRequest request;
   *request.mutable_self_test_io() = io;
   return CallForStats(device_id, std::move(request), deadline);

@@ -81,6 +81,11 @@ class WorkerProcess {
   // status 1", "killed by signal 9").
   std::string Reap();
 
+  // Completes every call still waiting for a reply with `status` and refuses new ones. The
+  // monitor calls it once the process has exited: a reply can no longer come, whatever is still
+  // unread on the socket.
+  void FailPendingCalls(const absl::Status& status) { FailPending(status); }
+
   // Sends a signal through the pidfd (no pid-reuse race).
   absl::Status Signal(int sig);
 
