@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 
 #include <filesystem>
+#include <thread>
 
 #include "gtest/gtest.h"
 #include "tests/integration/metrics/metrics_fixture.h"
@@ -65,6 +66,55 @@ TEST(CountersTest, CountersContinueAcrossAWorkerKilledWithSigkill) {
     ASSERT_TRUE(s.ok()) << s.error_message();
   }
   EXPECT_FALSE(std::filesystem::exists(segment));
+}
+
+// Issue 5: kill -9 the worker while I/O is in flight; the counters keep what was counted and
+// keep growing from there.
+TEST(CountersTest, CountersSurviveAKillInTheMiddleOfALoad) {
+  ControllerProcess controller({"--enable-self-test-io"});
+  controller.Start();
+  v1::Device device = AttachTestDevice(controller, "dev0", 64 * kMiB);
+  constexpr uint32_t kOps = 1000000;  // far more than completes before the kill
+  std::thread load([&] {
+    auto stub = internal::Diagnostics::NewStub(controller.channel());
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+    internal::SelfTestIoCall call;
+    call.set_device_id("dev0");
+    call.mutable_io()->set_ops(kOps);
+    call.mutable_io()->set_bytes(4096);
+    call.mutable_io()->set_write(true);
+    call.mutable_io()->set_queue_depth(8);
+    v1::DeviceStats stats;
+    grpc::Status s = stub->SelfTestIo(&ctx, call, &stats);
+    EXPECT_FALSE(s.ok()) << "the load finished before the worker was killed";
+  });
+  // Mid-load: writes are being counted.
+  uint64_t seen = 0;
+  ASSERT_TRUE(WaitFor([&] {
+    seen = OpOf(GetStats(controller, "dev0"), "write").operations();
+    return seen >= 2000;
+  }));
+  pid_t first = device.status().worker_pid();
+  ASSERT_EQ(::kill(first, SIGKILL), 0);
+  load.join();
+  ASSERT_TRUE(WaitFor([&] {
+    v1::Device d = GetDevice(controller, "dev0");
+    return d.status().worker_generation() == 2 && d.status().worker_pid() != first &&
+           d.status().state() == v1::DEVICE_STATE_WAITING_FOR_FRONTEND;
+  }));
+  v1::DeviceStats restarted = GetStats(controller, "dev0");
+  const v1::OpStats writes = OpOf(restarted, "write");
+  // Nothing counted before the kill is lost, and the load really was cut short.
+  EXPECT_GE(writes.operations(), seen);
+  EXPECT_LT(writes.operations(), kOps);
+  // ops and bytes are separate counters: a kill between the two updates of one request (at most
+  // queue-depth requests) is the only allowed difference.
+  EXPECT_NEAR(static_cast<double>(writes.bytes()), 4096.0 * writes.operations(), 4096.0 * 8);
+
+  v1::DeviceStats more = RunSelfTestIo(controller, "dev0", 10, 4096, /*write=*/true);
+  EXPECT_EQ(OpOf(more, "write").operations(), writes.operations() + 10);
+  EXPECT_EQ(OpOf(more, "write").bytes(), writes.bytes() + 10 * 4096);
 }
 
 TEST(CountersTest, SegmentOfAnotherLayoutIsReplacedNotTrusted) {
