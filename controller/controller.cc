@@ -12,11 +12,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "controller/metrics/api_metrics_interceptor.h"
 #include "grpc/health/v1/health.pb.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
-#include "controller/metrics/api_metrics_interceptor.h"
 
 namespace blockplane::controller {
 namespace {

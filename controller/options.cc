@@ -114,8 +114,8 @@ absl::StatusOr<ControllerOptions> ParseControllerFlags(int argc, char** argv) {
     } else if (name == "--xen-platform") {
       if ((s = need()).ok()) {
         if (value != "none" && value != "host" && value != "emulated") {
-          s = absl::InvalidArgumentError(absl::StrCat(
-              "--xen-platform: unknown platform \"", value, "\"; use none, host or emulated"));
+          s = absl::InvalidArgumentError(absl::StrCat("--xen-platform: unknown platform \"", value,
+                                                      "\"; use none, host or emulated"));
         } else {
           o.xen_platform = value;
         }

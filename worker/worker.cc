@@ -281,8 +281,7 @@ void Worker::DetachFrontend(std::function<void()> done) {
     BP_LOG(Info) << "blkif: " << stats.requests_taken << " requests, " << stats.grant_maps
                  << " pages mapped, " << stats.grant_unmaps << " unmapped, "
                  << stats.persistent_hits << " persistent hits, " << stats.persistent_evictions
-                 << " persistent evictions, " << blkif_->mapped_pages()
-                 << " still mapped";
+                 << " persistent evictions, " << blkif_->mapped_pages() << " still mapped";
     once("Closed");
   });
 }
