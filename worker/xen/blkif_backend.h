@@ -46,26 +46,15 @@
 #include "absl/status/statusor.h"
 #include "common/event_loop.h"
 #include "common/xen/xen_platform.h"
+#include "common/xen/xenbus.h"
 #include "worker/block/block_device.h"
 #include "worker/xen/blkif_request.h"
 #include "worker/xen/blkif_ring.h"
 
 namespace blockplane::worker::xen {
 
-// XenbusState (xen/io/xenbus.h).
-enum class XenbusState : int {
-  kUnknown = 0,
-  kInitialising = 1,
-  kInitWait = 2,
-  kInitialised = 3,
-  kConnected = 4,
-  kClosing = 5,
-  kClosed = 6,
-  kReconfiguring = 7,
-  kReconfigured = 8,
-};
-// "Unknown", "Initialising", "InitWait", ... (the names xenbus uses).
-const char* XenbusStateName(XenbusState state);
+using common::xen::XenbusState;
+using common::xen::XenbusStateName;
 
 enum class GrantMode {
   kMap,   // map the data grants (persistent grants when the frontend offers them)

@@ -49,21 +49,13 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/xen/xen_platform.h"
+#include "common/xen/xenbus.h"
 #include "tests/harness/xen/guest_domain.h"
 #include "worker/xen/blkif_abi.h"
 
 namespace blockplane::harness {
 
-// XenbusState values (xen/io/xenbus.h).
-enum class XenbusState : int {
-  kUnknown = 0,
-  kInitialising = 1,
-  kInitWait = 2,
-  kInitialised = 3,
-  kConnected = 4,
-  kClosing = 5,
-  kClosed = 6,
-};
+using common::xen::XenbusState;
 
 struct VbdPaths {
   std::string frontend;  // /local/domain/<fe>/device/vbd/<devid>
