@@ -114,4 +114,42 @@ CommandResult RunXenstoreTool(const std::vector<std::string>& argv,
   return result;
 }
 
+absl::StatusOr<pid_t> SpawnXenHost(const std::string& binary, const std::string& run_dir,
+                                   const std::string& domain_spec) {
+  int out[2];
+  if (pipe2(out, O_CLOEXEC) != 0) return absl::InternalError("pipe2 failed");
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, out[1], 1);
+  std::vector<std::string> args = {binary,      "--run-dir",   run_dir,  "--domain",
+                                   domain_spec, "--log-level", "warning"};
+  std::vector<char*> argv;
+  for (std::string& arg : args) argv.push_back(arg.data());
+  argv.push_back(nullptr);
+  pid_t pid = -1;
+  int rc = posix_spawn(&pid, binary.c_str(), &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  close(out[1]);
+  if (rc != 0) {
+    close(out[0]);
+    return absl::InternalError(std::string("cannot start ") + binary + ": " + strerror(rc));
+  }
+  std::string banner;
+  while (banner.find('\n') == std::string::npos) {
+    pollfd pfd{out[0], POLLIN, 0};
+    char buffer[256];
+    ssize_t got = poll(&pfd, 1, 20000) == 1 ? read(out[0], buffer, sizeof(buffer)) : -1;
+    if (got <= 0) break;
+    banner.append(buffer, static_cast<size_t>(got));
+  }
+  close(out[0]);
+  if (banner != "READY " + run_dir + "\n") {
+    kill(pid, SIGKILL);
+    waitpid(pid, nullptr, 0);
+    return absl::UnavailableError("bp-xenhost did not print READY " + run_dir + "; it printed \"" +
+                                  banner + "\"");
+  }
+  return pid;
+}
+
 }  // namespace blockplane::harness

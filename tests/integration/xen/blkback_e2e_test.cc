@@ -99,38 +99,12 @@ class XenBackendE2eTest : public ::testing::Test {
   }
 
   void StartXenHost() {
-    int out[2];
-    ASSERT_EQ(pipe2(out, O_CLOEXEC), 0);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, out[1], 1);
-    std::string binary = BP_XENHOST_PATH;
-    std::vector<std::string> args = {binary,
-                                     "--run-dir",
-                                     run_dir_.path(),
-                                     "--domain",
-                                     std::to_string(kGuest) + ":" + std::to_string(kGuestPages) +
-                                         ":" + std::to_string(kGuestGrants),
-                                     "--log-level",
-                                     "warning"};
-    std::vector<char*> argv;
-    for (std::string& arg : args) argv.push_back(arg.data());
-    argv.push_back(nullptr);
-    ASSERT_EQ(posix_spawn(&xenhost_pid_, binary.c_str(), &actions, nullptr, argv.data(), environ),
-              0);
-    posix_spawn_file_actions_destroy(&actions);
-    close(out[1]);
-    std::string banner;
-    while (banner.find('\n') == std::string::npos) {
-      pollfd pfd{out[0], POLLIN, 0};
-      ASSERT_EQ(poll(&pfd, 1, 20000), 1) << "bp-xenhost printed no READY line";
-      char buffer[256];
-      ssize_t got = read(out[0], buffer, sizeof(buffer));
-      ASSERT_GT(got, 0);
-      banner.append(buffer, static_cast<size_t>(got));
-    }
-    close(out[0]);
-    ASSERT_EQ(banner, "READY " + run_dir_.path() + "\n");
+    absl::StatusOr<pid_t> pid =
+        harness::SpawnXenHost(BP_XENHOST_PATH, run_dir_.path(),
+                              std::to_string(kGuest) + ":" + std::to_string(kGuestPages) + ":" +
+                                  std::to_string(kGuestGrants));
+    ASSERT_TRUE(pid.ok()) << pid.status();
+    xenhost_pid_ = *pid;
   }
 
   // bp-xenhost, blockplaned --xen-platform=emulated, the guest's handles.
