@@ -168,28 +168,31 @@ DeviceMetricsSnapshot Worker::MetricsSnapshot() const {
       static_cast<internal::WorkerState>(metrics_state_.load(std::memory_order_relaxed)));
   s.state = absl::AsciiStrToLower(name.substr(sizeof("WORKER_STATE_") - 1));
   s.generation = config_.generation();
-  if (const xen::BlkifCounters* x = xen_counters_) {
+  if (xen_counters_[0] != nullptr) {
     TransportMetricsSnapshot& t = s.transport.emplace();
-    t.requests_taken = x->requests_taken.Get();
-    t.responses = x->responses.Get();
-    t.notifications_sent = x->notifications_sent.Get();
-    t.notifications_received = x->notifications_received.Get();
-    t.ring_full_stalls = x->ring_full_stalls.Get();
-    t.broken_queues = x->broken_queues.Get();
-    t.io_errors = x->io_errors.Get();
+    t.invalid.resize(xen::kInvalidReasonCount);
     for (size_t i = 0; i < xen::kInvalidReasonCount; ++i) {
-      t.invalid.emplace_back(
-          std::string(xen::InvalidReasonName(static_cast<xen::InvalidReason>(i))),
-          x->invalid[i].Get());
+      t.invalid[i].first = std::string(xen::InvalidReasonName(static_cast<xen::InvalidReason>(i)));
     }
-    t.grant_maps = x->grant_maps.Get();
-    t.grant_map_failures = x->grant_map_failures.Get();
-    t.grant_unmaps = x->grant_unmaps.Get();
-    t.grant_copies = x->grant_copies.Get();
-    t.grant_copy_failures = x->grant_copy_failures.Get();
-    t.persistent_hits = x->persistent_hits.Get();
-    t.persistent_misses = x->persistent_misses.Get();
-    t.persistent_evictions = x->persistent_evictions.Get();
+    for (const xen::BlkifCounters* x : xen_counters_) {
+      t.requests_taken += x->requests_taken.Get();
+      t.responses += x->responses.Get();
+      t.notifications_sent += x->notifications_sent.Get();
+      t.notifications_received += x->notifications_received.Get();
+      t.ring_full_stalls += x->ring_full_stalls.Get();
+      t.broken_queues += x->broken_queues.Get();
+      t.io_errors += x->io_errors.Get();
+      for (size_t i = 0; i < xen::kInvalidReasonCount; ++i)
+        t.invalid[i].second += x->invalid[i].Get();
+      t.grant_maps += x->grant_maps.Get();
+      t.grant_map_failures += x->grant_map_failures.Get();
+      t.grant_unmaps += x->grant_unmaps.Get();
+      t.grant_copies += x->grant_copies.Get();
+      t.grant_copy_failures += x->grant_copy_failures.Get();
+      t.persistent_hits += x->persistent_hits.Get();
+      t.persistent_misses += x->persistent_misses.Get();
+      t.persistent_evictions += x->persistent_evictions.Get();
+    }
   }
   return s;
 }
@@ -233,8 +236,11 @@ absl::Status Worker::StartXen() {
   if (config_.xen_max_persistent_grants() != 0) {
     options.max_persistent_grants = config_.xen_max_persistent_grants();
   }
-  xen_counters_ =
-      stats_segment_ ? stats_segment_->transport<xen::BlkifCounters>() : &own_xen_counters_;
+  static_assert(xen::kBlkifMaxQueues <= kStatsSegmentQueues);
+  for (uint32_t q = 0; q < xen::kBlkifMaxQueues; ++q) {
+    xen_counters_[q] =
+        stats_segment_ ? stats_segment_->transport<xen::BlkifCounters>(q) : &own_xen_counters_[q];
+  }
   options.counters = xen_counters_;
   xen::BlkifBackend::Callbacks callbacks;
   callbacks.on_connection_changed = [this](bool connected) { OnFrontendConnection(connected); };

@@ -98,9 +98,10 @@ class Worker {
   std::atomic<uint64_t> metrics_size_{0};
   // Reads device_ from its own threads: stopped first in ~Worker.
   std::unique_ptr<WorkerExporter> exporter_;
-  // The blkif backend's counters: in the stats segment, else here. Set once, before metrics.
-  xen::BlkifCounters own_xen_counters_;
-  xen::BlkifCounters* xen_counters_ = nullptr;
+  // Each blkif queue's counters: in the stats segment, or own_xen_counters_ without one. Set
+  // before the exporter starts; all null when the worker serves no Xen frontend.
+  std::array<xen::BlkifCounters, xen::kBlkifMaxQueues> own_xen_counters_;
+  std::array<xen::BlkifCounters*, xen::kBlkifMaxQueues> xen_counters_{};
 };
 
 }  // namespace blockplane::worker

@@ -30,10 +30,14 @@
 namespace blockplane::worker {
 
 inline constexpr uint64_t kStatsSegmentMagic = 0x5354415453504231ull;  // "1BPSTATS" little endian
-inline constexpr uint32_t kStatsSegmentVersion = 1;
+// 2: the transport area has a queue dimension.
+inline constexpr uint32_t kStatsSegmentVersion = 2;
 inline constexpr size_t kStatsSegmentDeviceIdSize = 256;  // with its NUL
-// Reserved for ring and transport counters (frontends); zero until a frontend uses them.
-inline constexpr int kStatsSegmentTransportCounters = 64;
+// Ring and transport counters of the frontend, one area per queue (Xen blkif: up to 16 queues,
+// XenFrontend.max_queues); zero until a frontend uses them.
+inline constexpr int kStatsSegmentQueues = 16;
+inline constexpr int kStatsSegmentTransportCounters = 64;  // per queue
+using StatsSegmentQueueCounters = std::array<BlockCounter, kStatsSegmentTransportCounters>;
 
 struct StatsSegmentHeader {
   uint64_t magic;
@@ -47,8 +51,8 @@ struct StatsSegmentHeader {
 
 struct StatsSegmentLayout {
   StatsSegmentHeader header;
-  std::array<BlockOpCounters, kBlockOpCount> block_ops;  // indexed by BlockOp
-  std::array<BlockCounter, kStatsSegmentTransportCounters> transport;
+  std::array<BlockOpCounters, kBlockOpCount> block_ops;                  // indexed by BlockOp
+  std::array<StatsSegmentQueueCounters, kStatsSegmentQueues> transport;  // by queue index
 };
 static_assert(std::is_standard_layout_v<StatsSegmentLayout>);
 static_assert(std::atomic<uint64_t>::is_always_lock_free);
@@ -75,13 +79,14 @@ class StatsSegment {
   StatsSegment& operator=(const StatsSegment&) = delete;
 
   BlockOpCounters* block_ops() { return layout_->block_ops.data(); }
-  // The transport area as the frontend's counter struct (e.g. xen::BlkifCounters).
+  // Queue `queue`'s transport area (0 <= queue < kStatsSegmentQueues) as the frontend's
+  // per-queue counter struct (e.g. xen::BlkifCounters).
   template <typename T>
-  T* transport() {
+  T* transport(int queue) {
     static_assert(std::is_standard_layout_v<T>);
-    static_assert(sizeof(T) <= sizeof(StatsSegmentLayout::transport));
+    static_assert(sizeof(T) <= sizeof(StatsSegmentQueueCounters));
     static_assert(alignof(T) <= alignof(BlockCounter));
-    return reinterpret_cast<T*>(layout_->transport.data());
+    return reinterpret_cast<T*>(layout_->transport.at(static_cast<size_t>(queue)).data());
   }
   const StatsSegmentLayout& layout() const { return *layout_; }
 

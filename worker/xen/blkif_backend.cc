@@ -25,7 +25,7 @@ using common::xen::kNoTransaction;
 using common::xen::TransactionId;
 using common::xen::XenStore;
 
-constexpr uint32_t kMaxQueuesLimit = 16;
+constexpr uint32_t kMaxQueuesLimit = kBlkifMaxQueues;
 constexpr uint32_t kMaxRingPageOrderLimit = 4;  // XENBUS_MAX_RING_GRANT_ORDER
 
 // Reads a decimal key. NotFound gives `fallback` when there is one; anything that is not a number
@@ -110,9 +110,13 @@ struct BlkifBackend::Pending final : public BlockCompletion {
 
 struct BlkifBackend::Queue {
   Queue(BlkifBackend* backend, uint32_t index)
-      : index(index), push_kick(backend, this, true), process_kick(backend, this, false) {}
+      : index(index),
+        counters(*backend->counters_[index]),
+        push_kick(backend, this, true),
+        process_kick(backend, this, false) {}
 
   uint32_t index;
+  BlkifCounters& counters;  // this queue's, in the stats segment
   std::optional<BlkifBackRing> ring;
   std::unique_ptr<common::xen::EventChannel> channel;
   common::EventLoop::FdWatch channel_watch = common::EventLoop::kInvalidFdWatch;
@@ -150,6 +154,9 @@ BlkifBackend::BlkifBackend(common::EventLoop* loop, common::xen::XenPlatform* pl
       options_(std::move(options)),
       callbacks_(std::move(callbacks)) {
   watch_token_ = absl::StrCat("blkback-", options_.frontend_domid, "-", options_.devid);
+  for (uint32_t q = 0; q < kBlkifMaxQueues; ++q) {
+    counters_[q] = options_.counters[q] ? options_.counters[q] : &own_counters_[q];
+  }
 }
 
 BlkifBackend::~BlkifBackend() {
@@ -399,10 +406,10 @@ absl::Status BlkifBackend::ConnectRings() {
   absl::StatusOr<std::unique_ptr<GrantMapping>> mapping =
       platform_->grant_table().Map(options_.frontend_domid, refs, /*writable=*/true);
   if (!mapping.ok()) {
-    grant_map_failures_.Add();
+    counters_[0]->grant_map_failures.Add();
     return mapping.status();
   }
-  grant_maps_.Add(refs.size());
+  for (uint32_t q = 0; q < queues; ++q) counters_[q]->grant_maps.Add(pages);
   mapped_pages_ += refs.size();
   std::shared_ptr<GrantMapping> rings(std::move(*mapping));
   ring_mapping_ = rings;  // released by ReleaseQueues(), also when the rest fails
@@ -450,7 +457,7 @@ absl::Status BlkifBackend::ConnectRings() {
     queue->channel_watch =
         loop_->AddFd(queue->channel->ReadinessFd(), POLLIN, [this, raw](uint32_t) {
           (void)raw->channel->Ack();
-          notifications_received_.Add();
+          raw->counters.notifications_received.Add();
           ProcessQueue(*raw);
         });
     queues_.push_back(std::move(queue));
@@ -564,7 +571,9 @@ void BlkifBackend::ReleaseQueues() {
     const size_t pages = ring_mapping_->refs().size();
     (void)ring_mapping_->Unmap();
     ring_mapping_.reset();
-    grant_unmaps_.Add(pages);
+    // Each queue's ring pages are consecutive in the mapping (see ConnectRings).
+    const size_t per_queue = size_t{1} << ring_page_order_;
+    for (size_t q = 0; q < pages / per_queue; ++q) counters_[q]->grant_unmaps.Add(per_queue);
     mapped_pages_ -= pages;
   }
   use_persistent_ = false;
@@ -583,22 +592,24 @@ BlkifFrontendInfo BlkifBackend::FrontendInfo() const {
 
 BlkifBackendStats BlkifBackend::Stats() const {
   BlkifBackendStats s;
-  s.requests_taken = requests_taken_.Get();
-  s.responses = responses_.Get();
-  s.notifications_sent = notifications_sent_.Get();
-  s.notifications_received = notifications_received_.Get();
-  s.ring_full_stalls = ring_full_stalls_.Get();
-  s.broken_queues = broken_queues_.Get();
-  for (size_t i = 0; i < kInvalidReasonCount; ++i) s.invalid[i] = invalid_[i].Get();
-  s.io_errors = io_errors_.Get();
-  s.grant_maps = grant_maps_.Get();
-  s.grant_map_failures = grant_map_failures_.Get();
-  s.grant_unmaps = grant_unmaps_.Get();
-  s.grant_copies = grant_copies_.Get();
-  s.grant_copy_failures = grant_copy_failures_.Get();
-  s.persistent_hits = persistent_hits_.Get();
-  s.persistent_misses = persistent_misses_.Get();
-  s.persistent_evictions = persistent_evictions_.Get();
+  for (const BlkifCounters* c : counters_) {
+    s.requests_taken += c->requests_taken.Get();
+    s.responses += c->responses.Get();
+    s.notifications_sent += c->notifications_sent.Get();
+    s.notifications_received += c->notifications_received.Get();
+    s.ring_full_stalls += c->ring_full_stalls.Get();
+    s.broken_queues += c->broken_queues.Get();
+    for (size_t i = 0; i < kInvalidReasonCount; ++i) s.invalid[i] += c->invalid[i].Get();
+    s.io_errors += c->io_errors.Get();
+    s.grant_maps += c->grant_maps.Get();
+    s.grant_map_failures += c->grant_map_failures.Get();
+    s.grant_unmaps += c->grant_unmaps.Get();
+    s.grant_copies += c->grant_copies.Get();
+    s.grant_copy_failures += c->grant_copy_failures.Get();
+    s.persistent_hits += c->persistent_hits.Get();
+    s.persistent_misses += c->persistent_misses.Get();
+    s.persistent_evictions += c->persistent_evictions.Get();
+  }
   s.persistent_grants_mapped = persistent_mapped_.Get();
   s.in_flight = in_flight_.Get();
   return s;
@@ -620,7 +631,8 @@ void BlkifBackend::ProcessQueue(Queue& queue) {
       if (queue.ring->FinalCheckForRequests()) continue;
       return;
     }
-    if (queue.ring->outstanding() + *available >= queue.ring->size()) ring_full_stalls_.Add();
+    if (queue.ring->outstanding() + *available >= queue.ring->size())
+      queue.counters.ring_full_stalls.Add();
     while (budget > 0 && !queue.held_barrier && !queue.stopped) {
       std::optional<std::span<const uint8_t>> slot = queue.ring->NextRequestSlot();
       if (!slot) break;
@@ -639,14 +651,14 @@ void BlkifBackend::ProcessQueue(Queue& queue) {
 void BlkifBackend::StopQueue(Queue& queue, const absl::Status& why) {
   BP_LOG(Error) << "blkback " << options_.backend_path << ": queue " << queue.index
                 << " stopped, the frontend broke the ring protocol: " << why.message();
-  broken_queues_.Add();
+  queue.counters.broken_queues.Add();
   queue.stopped = true;
   if (queue.channel_watch) loop_->RemoveFd(queue.channel_watch);
   queue.channel_watch = common::EventLoop::kInvalidFdWatch;
 }
 
 void BlkifBackend::TakeRequest(Queue& queue, std::span<const uint8_t> slot) {
-  requests_taken_.Add();
+  queue.counters.requests_taken.Add();
   Parsed<BlkifRequest> parsed = ParseRequest(protocol_, slot, Geometry());
   if (!parsed.ok()) {
     Refuse(queue, parsed.error());
@@ -662,7 +674,7 @@ void BlkifBackend::TakeRequest(Queue& queue, std::span<const uint8_t> slot) {
 }
 
 void BlkifBackend::Refuse(Queue& queue, const RequestError& error) {
-  invalid_[static_cast<size_t>(error.reason)].Add();
+  queue.counters.invalid[static_cast<size_t>(error.reason)].Add();
   RespondLater(queue, error.id, error.operation, error.status);
 }
 
@@ -672,10 +684,10 @@ absl::Status BlkifBackend::MapData(Pending& p, bool writable) {
   absl::StatusOr<std::unique_ptr<GrantMapping>> mapping =
       platform_->grant_table().Map(options_.frontend_domid, p.misses, writable);
   if (!mapping.ok()) {
-    grant_map_failures_.Add();
+    p.queue->counters.grant_map_failures.Add();
     return mapping.status();
   }
-  grant_maps_.Add(p.nr_segments);
+  p.queue->counters.grant_maps.Add(p.nr_segments);
   mapped_pages_ += p.nr_segments;
   p.mapping = std::move(*mapping);
   for (uint32_t i = 0; i < p.nr_segments; ++i) p.pages[i] = p.mapping->page(i).data();
@@ -688,14 +700,14 @@ absl::Status BlkifBackend::MapPersistent(Queue& queue, Pending& p) {
     const GrantRef ref = p.segments[i].gref;
     auto it = queue.persistent.find(ref);
     if (it != queue.persistent.end()) {
-      persistent_hits_.Add();
+      queue.counters.persistent_hits.Add();
       PersistentGrant& grant = it->second;
       ++grant.users;
       queue.lru.splice(queue.lru.begin(), queue.lru, grant.lru);
       p.persistent_used.push_back(&grant);
       p.pages[i] = grant.page;
     } else {
-      persistent_misses_.Add();
+      queue.counters.persistent_misses.Add();
       p.pages[i] = nullptr;
       if (std::find(p.misses.begin(), p.misses.end(), ref) == p.misses.end()) {
         p.misses.push_back(ref);
@@ -708,10 +720,10 @@ absl::Status BlkifBackend::MapPersistent(Queue& queue, Pending& p) {
   absl::StatusOr<std::unique_ptr<GrantMapping>> mapping =
       platform_->grant_table().Map(options_.frontend_domid, p.misses, /*writable=*/true);
   if (!mapping.ok()) {
-    grant_map_failures_.Add();
+    queue.counters.grant_map_failures.Add();
     return mapping.status();
   }
-  grant_maps_.Add(p.misses.size());
+  queue.counters.grant_maps.Add(p.misses.size());
   mapped_pages_ += p.misses.size();
   // Make room by releasing unused least-recently-used grants; if the cache is still too full,
   // these pages are used for this request only (blkback maps them non-persistently too).
@@ -759,12 +771,12 @@ void BlkifBackend::EvictPersistent(Queue& queue, PersistentGrant* grant) {
   std::shared_ptr<GrantGroup> group = std::move(grant->group);
   queue.lru.erase(grant->lru);
   queue.persistent.erase(grant->ref);
-  persistent_evictions_.Add();
+  queue.counters.persistent_evictions.Add();
   persistent_mapped_.Sub();
   if (group.use_count() == 1) {
     const size_t pages = group->mapping->refs().size();
     (void)group->mapping->Unmap();
-    grant_unmaps_.Add(pages);
+    queue.counters.grant_unmaps.Add(pages);
     mapped_pages_ -= pages;
   }
 }
@@ -815,7 +827,7 @@ void BlkifBackend::StartRequest(Queue& queue, const BlkifRequest& request) {
     case BLKIF_OP_DISCARD:
       if (request.discard.secure) {
         // discard-secure is not advertised: blkback answers EOPNOTSUPP.
-        invalid_[static_cast<size_t>(InvalidReason::kNotAdvertised)].Add();
+        queue.counters.invalid[static_cast<size_t>(InvalidReason::kNotAdvertised)].Add();
         return fail(BLKIF_RSP_EOPNOTSUPP);
       }
       p.sector = request.discard.sector;
@@ -854,20 +866,20 @@ void BlkifBackend::StartRequest(Queue& queue, const BlkifRequest& request) {
         std::span<const GrantRef>(request.indirect.grefs.data(), request.indirect.nr_pages),
         /*writable=*/false);
     if (!pages.ok()) {
-      grant_map_failures_.Add();
-      invalid_[static_cast<size_t>(InvalidReason::kBadIndirect)].Add();
+      queue.counters.grant_map_failures.Add();
+      queue.counters.invalid[static_cast<size_t>(InvalidReason::kBadIndirect)].Add();
       return fail(BLKIF_RSP_ERROR);
     }
-    grant_maps_.Add(request.indirect.nr_pages);
+    queue.counters.grant_maps.Add(request.indirect.nr_pages);
     std::span<std::byte> bytes = (*pages)->bytes();
     Parsed<IndirectSegments> segments = ParseIndirectSegments(
         request,
         std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()),
         Geometry(), std::span<BlkifSegment>(p.segments));
     (void)(*pages)->Unmap();
-    grant_unmaps_.Add(request.indirect.nr_pages);
+    queue.counters.grant_unmaps.Add(request.indirect.nr_pages);
     if (!segments.ok()) {
-      invalid_[static_cast<size_t>(segments.error().reason)].Add();
+      queue.counters.invalid[static_cast<size_t>(segments.error().reason)].Add();
       return fail(segments.error().status);
     }
     p.nr_segments = segments.value().nr_segments;
@@ -891,11 +903,11 @@ void BlkifBackend::StartRequest(Queue& queue, const BlkifRequest& request) {
       BuildCopySegments(p);
       if (p.data_operation != BLKIF_OP_READ) {
         absl::Status copied = platform_->grant_table().Copy(p.copy_segments);
-        grant_copies_.Add(p.copy_segments.size());
+        queue.counters.grant_copies.Add(p.copy_segments.size());
         bool ok = copied.ok();
         for (const GrantCopySegment& c : p.copy_segments) ok &= c.status == 0;
         if (!ok) {
-          grant_copy_failures_.Add();
+          queue.counters.grant_copy_failures.Add();
           return fail(BLKIF_RSP_ERROR);
         }
       }
@@ -951,7 +963,7 @@ void BlkifBackend::SubmitStep(Pending& p) {
 
 void BlkifBackend::OnStepDone(Pending& p, int result) {
   if (result < 0) {
-    if (result != -EOPNOTSUPP) io_errors_.Add();
+    if (result != -EOPNOTSUPP) p.queue->counters.io_errors.Add();
     Complete(p, result == -EOPNOTSUPP ? BLKIF_RSP_EOPNOTSUPP : BLKIF_RSP_ERROR);
     return;
   }
@@ -963,11 +975,11 @@ void BlkifBackend::OnStepDone(Pending& p, int result) {
   if (options_.grant_mode == GrantMode::kCopy && p.data_operation == BLKIF_OP_READ &&
       p.nr_segments > 0) {
     absl::Status copied = platform_->grant_table().Copy(p.copy_segments);
-    grant_copies_.Add(p.copy_segments.size());
+    p.queue->counters.grant_copies.Add(p.copy_segments.size());
     bool ok = copied.ok();
     for (const GrantCopySegment& c : p.copy_segments) ok &= c.status == 0;
     if (!ok) {
-      grant_copy_failures_.Add();
+      p.queue->counters.grant_copy_failures.Add();
       status = BLKIF_RSP_ERROR;
     }
   }
@@ -981,7 +993,7 @@ void BlkifBackend::ReleaseGrants(Pending& p) {
     const size_t pages = p.mapping->refs().size();
     (void)p.mapping->Unmap();
     p.mapping.reset();
-    grant_unmaps_.Add(pages);
+    p.queue->counters.grant_unmaps.Add(pages);
     mapped_pages_ -= pages;
   }
 }
@@ -1013,7 +1025,7 @@ void BlkifBackend::RespondLater(Queue& queue, uint64_t id, uint8_t operation, in
                   << s.message();
     return;
   }
-  responses_.Add();
+  queue.counters.responses.Add();
   if (!queue.push_scheduled) {
     queue.push_scheduled = true;
     loop_->Defer(&queue.push_kick, 0);
@@ -1024,7 +1036,7 @@ void BlkifBackend::PushResponses(Queue& queue) {
   if (!queue.ring) return;
   if (queue.ring->PushResponsesAndCheckNotify() && queue.channel) {
     if (absl::Status s = queue.channel->Notify(); s.ok()) {
-      notifications_sent_.Add();
+      queue.counters.notifications_sent.Add();
     } else {
       BP_LOG(Warning) << "blkback " << options_.backend_path << ": notify failed: " << s.message();
     }

@@ -61,6 +61,9 @@ enum class GrantMode {
   kCopy,  // grant copy into / out of private buffers (no persistent grants are advertised)
 };
 
+// The most queues a frontend may negotiate (multi-queue-num-queues; controller: kMaxXenQueues).
+inline constexpr uint32_t kBlkifMaxQueues = 16;
+
 // Ring and grant counters. One writer (the loop thread), any reader; lock-free and standard
 // layout so that they may live outside the backend: the worker puts them in the device's stats
 // segment (worker/metrics/stats_segment.h), where they survive a crash of the worker.
@@ -74,6 +77,8 @@ struct BlkifCounter {
   }
   uint64_t Get() const { return value.load(std::memory_order_relaxed); }
 };
+// One queue's counters: everything a queue does is counted on its own BlkifCounters (a queue's
+// ring pages too; the failure of the one map call for every queue's ring counts on queue 0).
 struct BlkifCounters {
   BlkifCounter requests_taken, responses, notifications_sent, notifications_received;
   BlkifCounter ring_full_stalls, broken_queues, io_errors;
@@ -100,11 +105,12 @@ struct BlkifBackendOptions {
   // Requests taken from one queue per loop pass before yielding to the rest of the loop.
   uint32_t max_requests_per_pass = 64;
   bool cdrom = false;  // VDISK_CDROM in "info"
-  // Where the counters live (outlives the backend); null: inside the backend, from zero.
-  BlkifCounters* counters = nullptr;
+  // Where each queue's counters live, by queue index (each outlives the backend); a null entry:
+  // inside the backend, from zero.
+  std::array<BlkifCounters*, kBlkifMaxQueues> counters{};
 };
 
-// Counters (single writer: the loop thread; any reader through Stats()).
+// Counters, summed over the queues (single writer: the loop thread; any reader through Stats()).
 struct BlkifBackendStats {
   uint64_t requests_taken = 0;
   uint64_t responses = 0;
@@ -235,21 +241,9 @@ class BlkifBackend {
   std::shared_ptr<common::xen::GrantMapping> ring_mapping_;  // every queue's ring pages
   uint64_t mapped_pages_ = 0;
 
-  // Stats: counters in options_.counters (or own_counters_), gauges here.
-  BlkifCounters own_counters_;
-  BlkifCounters& counters_ = options_.counters ? *options_.counters : own_counters_;
-  Counter &requests_taken_ = counters_.requests_taken, &responses_ = counters_.responses;
-  Counter &notifications_sent_ = counters_.notifications_sent,
-          &notifications_received_ = counters_.notifications_received;
-  Counter &ring_full_stalls_ = counters_.ring_full_stalls,
-          &broken_queues_ = counters_.broken_queues, &io_errors_ = counters_.io_errors;
-  std::array<Counter, kInvalidReasonCount>& invalid_ = counters_.invalid;
-  Counter &grant_maps_ = counters_.grant_maps, &grant_map_failures_ = counters_.grant_map_failures,
-          &grant_unmaps_ = counters_.grant_unmaps, &grant_copies_ = counters_.grant_copies,
-          &grant_copy_failures_ = counters_.grant_copy_failures;
-  Counter &persistent_hits_ = counters_.persistent_hits,
-          &persistent_misses_ = counters_.persistent_misses,
-          &persistent_evictions_ = counters_.persistent_evictions;
+  // Stats: each queue's counters in options_.counters[q] (or own_counters_[q]), gauges here.
+  std::array<BlkifCounters, kBlkifMaxQueues> own_counters_;
+  std::array<BlkifCounters*, kBlkifMaxQueues> counters_;
   Counter persistent_mapped_;
   Counter in_flight_;
 };
