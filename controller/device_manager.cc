@@ -134,6 +134,7 @@ internal::WorkerConfig DeviceManager::MakeConfig(const v1::Device& device) const
   config.set_generation(device.status().worker_generation());
   *config.mutable_spec() = device.spec();
   config.set_control_socket(ControlSocketPath(device.id()));
+  config.set_size_bytes(device.status().size_bytes());
   if (device.spec().has_xen() && xen_toolstack_) {
     config.set_xen_platform(options_.xen_platform);
     config.set_xen_run_dir(options_.xen_run_dir);
@@ -292,7 +293,10 @@ absl::Status DeviceManager::CheckConflictsLocked(const std::string& device_id,
     char resolved[PATH_MAX];
     std::string other_path =
         realpath(o.backend().path().c_str(), resolved) ? resolved : o.backend().path();
-    if (other_path == resolved_path && !(spec.backend().read_only() && o.backend().read_only())) {
+    // Null backends share nothing.
+    const bool has_file = !spec.backend().has_null() && !o.backend().has_null();
+    if (has_file && other_path == resolved_path &&
+        !(spec.backend().read_only() && o.backend().read_only())) {
       return absl::FailedPreconditionError(
           absl::StrCat("spec.backend.path: ", spec.backend().path(), " is already used by device ",
                        id, "; two writers would corrupt it"));
@@ -636,7 +640,10 @@ absl::StatusOr<v1::Device> DeviceManager::Attach(const v1::AttachDeviceRequest& 
                        SpecDifference(existing->device.spec(), spec), ")"));
     }
   }
-  absl::StatusOr<BackingInfo> backing = InspectBacking(spec.backend(), options_.backing_roots);
+  absl::StatusOr<BackingInfo> backing =
+      spec.backend().has_null() ? absl::StatusOr<BackingInfo>(
+                                      BackingInfo{.size_bytes = spec.backend().null().size_bytes()})
+                                : InspectBacking(spec.backend(), options_.backing_roots);
   if (!backing.ok()) return backing.status();
 
   internal::WorkerConfig config;
@@ -866,19 +873,21 @@ absl::StatusOr<v1::Device> DeviceManager::Resize(const v1::ResizeDeviceRequest& 
   }
   if (absl::Status s = ValidateResize(device, request); !s.ok()) return s;
   if (request.new_size_bytes() == device.status().size_bytes()) return device;
-  absl::StatusOr<BackingInfo> backing =
-      InspectBacking(device.spec().backend(), options_.backing_roots);
-  if (!backing.ok()) return backing.status();
-  if (backing->is_block_device) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("device_id: device ", id, " is backed by the block device ",
-                     device.spec().backend().path(), "; resize the block device itself"));
-  }
-  if (::truncate(backing->resolved_path.c_str(), static_cast<off_t>(request.new_size_bytes())) !=
-      0) {
-    return absl::FailedPreconditionError(absl::StrCat("spec.backend.path: cannot resize ",
-                                                      device.spec().backend().path(), ": ",
-                                                      strerror(errno)));
+  if (!device.spec().backend().has_null()) {  // a null backend has no file: the worker resizes it
+    absl::StatusOr<BackingInfo> backing =
+        InspectBacking(device.spec().backend(), options_.backing_roots);
+    if (!backing.ok()) return backing.status();
+    if (backing->is_block_device) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("device_id: device ", id, " is backed by the block device ",
+                       device.spec().backend().path(), "; resize the block device itself"));
+    }
+    if (::truncate(backing->resolved_path.c_str(), static_cast<off_t>(request.new_size_bytes())) !=
+        0) {
+      return absl::FailedPreconditionError(absl::StrCat("spec.backend.path: cannot resize ",
+                                                        device.spec().backend().path(), ": ",
+                                                        strerror(errno)));
+    }
   }
   internal::ControlRequest resize;
   resize.mutable_resize()->set_size_bytes(request.new_size_bytes());

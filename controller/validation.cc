@@ -155,12 +155,20 @@ std::string XenVirtualDeviceName(uint32_t number) {
 absl::Status ValidateSpec(const v1::DeviceSpec& spec) {
   if (!spec.has_backend()) return Invalid("spec.backend", "must be set");
   const v1::BackendSpec& b = spec.backend();
-  if (b.path().empty()) return Invalid("spec.backend.path", "must be set");
-  if (b.path()[0] != '/') {
-    return Invalid("spec.backend.path", absl::StrCat("\"", b.path(), "\" must be absolute"));
-  }
-  if (b.path().find('\0') != std::string::npos) {
-    return Invalid("spec.backend.path", "contains a NUL character");
+  if (b.has_null()) {
+    if (!b.path().empty()) {
+      return Invalid("spec.backend", "set exactly one of path and null, not both");
+    }
+  } else {
+    if (b.path().empty()) {
+      return Invalid("spec.backend.path", "must be set (or spec.backend.null for a null backend)");
+    }
+    if (b.path()[0] != '/') {
+      return Invalid("spec.backend.path", absl::StrCat("\"", b.path(), "\" must be absolute"));
+    }
+    if (b.path().find('\0') != std::string::npos) {
+      return Invalid("spec.backend.path", "contains a NUL character");
+    }
   }
   if (absl::Status s = CheckEnum("spec.backend.format", b.format(), v1::ImageFormat_IsValid);
       !s.ok())
@@ -182,6 +190,20 @@ absl::Status ValidateSpec(const v1::DeviceSpec& spec) {
       b.logical_block_size() != 4096) {
     return Invalid("spec.backend.logical_block_size",
                    absl::StrCat(b.logical_block_size(), " is not supported; use 512 or 4096"));
+  }
+  if (b.has_null()) {
+    const uint64_t size = b.null().size_bytes();
+    const uint32_t lbs = LogicalBlockSize(b);
+    if (size == 0) return Invalid("spec.backend.null.size_bytes", "must be greater than 0");
+    if (size % lbs != 0) {
+      return Invalid("spec.backend.null.size_bytes",
+                     absl::StrCat(size, " is not a multiple of the logical block size ", lbs));
+    }
+    if (size > kMaxNullBackendSize) {
+      return Invalid(
+          "spec.backend.null.size_bytes",
+          absl::StrCat(size, " is above the limit of ", kMaxNullBackendSize, " bytes (1 PiB)"));
+    }
   }
   if (b.detect_zeroes() == v1::DETECT_ZEROES_UNMAP && b.discard() != v1::DISCARD_MODE_UNMAP) {
     return Invalid("spec.backend.detect_zeroes",
@@ -368,6 +390,10 @@ absl::Status ValidateResize(const v1::Device& device, const v1::ResizeDeviceRequ
                                                   lbs));
   }
   if (want > (uint64_t{1} << 62)) return Invalid("new_size_bytes", "is too large");
+  if (device.spec().backend().has_null() && want > kMaxNullBackendSize) {
+    return Invalid("new_size_bytes", absl::StrCat(want, " is above the null backend's limit of ",
+                                                  kMaxNullBackendSize, " bytes (1 PiB)"));
+  }
   if (want < device.status().size_bytes() && !request.allow_shrink()) {
     return Invalid("new_size_bytes",
                    absl::StrCat(want, " is smaller than the current size ",

@@ -22,6 +22,8 @@ inline constexpr uint32_t kMaxXenQueues = 16;
 inline constexpr uint32_t kMaxRingPageOrder = 4;
 inline constexpr uint32_t kMaxIndirectSegments = 256;
 inline constexpr uint32_t kMaxVhostQueues = 64;
+// Capacity limit of a null backend (spec.backend.null.size_bytes): 1 PiB.
+inline constexpr uint64_t kMaxNullBackendSize = uint64_t{1} << 50;
 
 // 1-64 characters of [a-z0-9._-], starting with a letter or digit. `field` names it in errors.
 absl::Status ValidateDeviceId(absl::string_view id, absl::string_view field = "device_id");
@@ -51,7 +53,8 @@ struct BackingInfo {
 // Resolves the backing path and checks it against the backing roots: it must exist, be a regular
 // file or a block device, lie under a root after resolving symlinks, and have a non-zero size that
 // is a multiple of the logical block size. INVALID_ARGUMENT for a path outside the roots,
-// FAILED_PRECONDITION for the state of the file.
+// FAILED_PRECONDITION for the state of the file. Not for null backends (spec.backend.null), which
+// have no file.
 absl::StatusOr<BackingInfo> InspectBacking(const v1::BackendSpec& backend,
                                            const std::vector<std::string>& backing_roots);
 

@@ -66,7 +66,7 @@ absl::Status XenToolstack::AddVbd(const v1::DeviceSpec& spec, uint32_t devid) {
       {"frontend-id", std::to_string(frontend)},
       {"online", "1"},
       {"state", "1"},
-      {"params", spec.backend().path()},
+      {"params", spec.backend().has_null() ? "null" : spec.backend().path()},
       {"mode", spec.backend().read_only() ? "r" : "w"},
       {"type", "blockplane"},
       {"dev", spec.xen().virtual_device()},

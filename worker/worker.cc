@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/unix_socket.h"
+#include "worker/backend/null_backend.h"
 #include "worker/backend/uring_backend.h"
 
 namespace blockplane::worker {
@@ -92,11 +93,7 @@ absl::Status Worker::Init() {
   }
 
   const blockplane::v1::BackendSpec& spec = config_.spec().backend();
-  UringBackend::Options options;
-  options.cache = ToCacheMode(spec.cache());
-  options.read_only = spec.read_only();
-  absl::StatusOr<std::unique_ptr<UringBackend>> backend =
-      UringBackend::Open(loop_.get(), spec.path(), options);
+  absl::StatusOr<std::unique_ptr<Backend>> backend = OpenBackend();
   absl::StatusOr<std::unique_ptr<BlockDevice>> device =
       backend.ok()
           ? BlockDevice::Create(loop_.get(), std::move(*backend),
@@ -110,10 +107,11 @@ absl::Status Worker::Init() {
   if (device.ok()) {
     device_ = std::move(*device);
   } else {
-    bool direct = spec.cache() == blockplane::v1::CACHE_MODE_NONE ||
-                  spec.cache() == blockplane::v1::CACHE_MODE_UNSPECIFIED;
+    bool direct = !spec.has_null() && (spec.cache() == blockplane::v1::CACHE_MODE_NONE ||
+                                       spec.cache() == blockplane::v1::CACHE_MODE_UNSPECIFIED);
     open_error_ = absl::FailedPreconditionError(
-        absl::StrCat("cannot open ", spec.path(), ": ", device.status().message(),
+        absl::StrCat("cannot open ", spec.has_null() ? "the null backend" : spec.path(), ": ",
+                     device.status().message(),
                      direct ? " (cache mode none needs O_DIRECT; try cache writeback)" : ""));
     state_ = internal::WORKER_STATE_FAILED;
     exit_status_ = 1;
@@ -200,6 +198,24 @@ DeviceMetricsSnapshot Worker::MetricsSnapshot() const {
 bool Worker::ServesXen() const {
   return config_.spec().has_xen() && !config_.xen_platform().empty() &&
          config_.xen_platform() != "none";
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> Worker::OpenBackend() {
+  const blockplane::v1::BackendSpec& spec = config_.spec().backend();
+  if (spec.has_null()) {
+    NullBackend::Options options;
+    // The size the controller records (it follows resizes); the spec's for an older controller.
+    options.capacity = config_.size_bytes() != 0 ? config_.size_bytes() : spec.null().size_bytes();
+    options.zero_reads = spec.null().read_zeroes();
+    return std::make_unique<NullBackend>(loop_.get(), options);
+  }
+  UringBackend::Options options;
+  options.cache = ToCacheMode(spec.cache());
+  options.read_only = spec.read_only();
+  absl::StatusOr<std::unique_ptr<UringBackend>> backend =
+      UringBackend::Open(loop_.get(), spec.path(), options);
+  if (!backend.ok()) return backend.status();
+  return std::unique_ptr<Backend>(std::move(*backend));
 }
 
 absl::Status Worker::StartXen() {

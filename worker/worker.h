@@ -58,6 +58,8 @@ class Worker {
   void OnErrorStop(int error);
   // The serving state once drains and error stops are over.
   internal::WorkerState ServingState() const;
+  // The backend of spec.backend: NullBackend for spec.backend.null, else UringBackend on the path.
+  absl::StatusOr<std::unique_ptr<Backend>> OpenBackend();
   // With spec.xen and a Xen platform in the config: opens the platform and starts the blkif
   // backend (features, InitWait, frontend watch). FailedPrecondition names what is missing.
   bool ServesXen() const;

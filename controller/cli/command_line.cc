@@ -126,8 +126,27 @@ absl::StatusOr<Request> BuildAttach(const Parsed& parsed) {
   request.set_device_id(parsed.positionals[0]);
   v1::BackendSpec* backend = request.mutable_spec()->mutable_backend();
   const std::string* path = f.Get("path");
-  if (path == nullptr) return absl::InvalidArgumentError("--path is required");
-  backend->set_path(*path);
+  const bool null = f.Has("null-size");
+  if (path == nullptr && !null) {
+    return absl::InvalidArgumentError("--path is required (or --null-size for a null backend)");
+  }
+  if (path != nullptr && null) {
+    return absl::InvalidArgumentError(
+        "--path and --null-size are exclusive: a device has one backend");
+  }
+  if (f.Has("read-zeroes") && !null) {
+    return absl::InvalidArgumentError("--read-zeroes needs --null-size");
+  }
+  if (path != nullptr) backend->set_path(*path);
+  if (null) {
+    v1::NullBackendSpec* n = backend->mutable_null();
+    uint64_t size = 0;
+    BP_RETURN_IF_ERROR(SetIfGiven<uint64_t>(f, "null-size", ParseSize, &size));
+    n->set_size_bytes(size);
+    bool read_zeroes = false;
+    BP_RETURN_IF_ERROR(SetIfGiven<bool>(f, "read-zeroes", ParseBool, &read_zeroes));
+    n->set_read_zeroes(read_zeroes);
+  }
   v1::ImageFormat format = v1::IMAGE_FORMAT_UNSPECIFIED;
   BP_RETURN_IF_ERROR(SetIfGiven<v1::ImageFormat>(f, "format", ParseImageFormat, &format));
   backend->set_format(format);
@@ -276,15 +295,21 @@ absl::StatusOr<Request> BuildStats(const Parsed& parsed) {
 const std::vector<CommandSpec>& Commands() {
   static const auto* commands = new std::vector<CommandSpec>{
       {"attach",
-       "attach ID --path PATH (--xen-domid N --xen-vdev DEV | --vhost-socket PATH) [flags]",
+       "attach ID (--path PATH | --null-size SIZE) (--xen-domid N --xen-vdev DEV | "
+       "--vhost-socket PATH) [flags]",
        "create a device and start its worker",
        "Creates device ID backed by PATH and starts its worker. Idempotent: attaching an existing\n"
        "ID with the same spec returns the device; another spec fails with ALREADY_EXISTS.\n"
-       "Exactly one frontend: Xen (--xen-*) or vhost-user (--vhost-*).",
+       "Exactly one backend: a file (--path) or a null backend that stores nothing (--null-size,\n"
+       "for benchmarks of the stack above the disk). Exactly one frontend: Xen (--xen-*) or\n"
+       "vhost-user (--vhost-*).",
        1,
        1,
        {
-           {"path", "PATH", "absolute path of the backing file or block device (required)"},
+           {"path", "PATH", "absolute path of the backing file or block device"},
+           {"null-size", "SIZE",
+            "null backend of this size instead of a file (1G, 512M, bytes); writes are dropped"},
+           {"read-zeroes", "", "null backend: reads return zeroes (default: buffers untouched)"},
            {"format", "FORMAT", "image format: raw (default raw)"},
            {"cache", "MODE", "none|writeback|writethrough (default none)"},
            {"read-only", "", "export the device read-only"},

@@ -74,6 +74,16 @@ std::string FrontendSummary(const v1::DeviceSpec& spec) {
   return "none";
 }
 
+namespace {
+
+// The file, or "null" (with "read-zeroes") for a null backend.
+std::string BackingSummary(const v1::BackendSpec& backend) {
+  if (!backend.has_null()) return backend.path();
+  return backend.null().read_zeroes() ? "null read-zeroes" : "null";
+}
+
+}  // namespace
+
 std::string FormatDevice(const v1::Device& device) {
   const v1::DeviceSpec& spec = device.spec();
   const v1::BackendSpec& backend = spec.backend();
@@ -83,7 +93,7 @@ std::string FormatDevice(const v1::Device& device) {
   rows.push_back({"state:", absl::StrCat(DeviceStateName(status.state()), " (since ",
                                          FormatTimestamp(status.state_changed_at()), ")")});
   rows.push_back({"size:", SizeWithBytes(status.size_bytes())});
-  rows.push_back({"backing:", backend.path()});
+  rows.push_back({"backing:", BackingSummary(backend)});
   rows.push_back(
       {"backend:",
        absl::StrCat("format=", ImageFormatName(backend.format()), " cache=",
@@ -142,7 +152,7 @@ std::string FormatDeviceTable(const std::vector<v1::Device>& devices) {
     rows.push_back({device.id(), DeviceStateName(status.state()), FormatSize(status.size_bytes()),
                     status.worker_pid() == 0 ? "-" : absl::StrCat(status.worker_pid()),
                     absl::StrCat(status.worker_generation()), FrontendSummary(device.spec()),
-                    device.spec().backend().path()});
+                    BackingSummary(device.spec().backend())});
   }
   return FormatTable(rows);
 }

@@ -40,7 +40,8 @@ void NullBackend::Write(uint64_t, const iovec*, int, uint32_t, BackendCompletion
 }
 
 absl::Status NullBackend::Grow(uint64_t new_capacity) {
-  if (new_capacity < options_.capacity) return absl::InvalidArgumentError("cannot shrink");
+  // Any size: nothing is stored, and after a shrink (BlockDevice keeps the backend's capacity)
+  // a later grow may ask for less than the capacity the backend was created with.
   options_.capacity = new_capacity;
   return absl::OkStatus();
 }

@@ -345,6 +345,39 @@ std::vector<BadRequest> BadInputTest::Cases() {
                     b->set_detect_zeroes(v1::DETECT_ZEROES_UNMAP);
                   })),
        kInvalid, "spec.backend.detect_zeroes"},
+      // --- null backend (spec.backend.null)
+      {"both a path and a null backend", AttachCall("new", backend([](v1::BackendSpec* b) {
+                                                      b->mutable_null()->set_size_bytes(uint64_t{1}
+                                                                                        << 30);
+                                                    })),
+       kInvalid, "spec.backend"},
+      {"neither a path nor a null backend",
+       AttachCall("new", backend([](v1::BackendSpec* b) { b->clear_path(); })), kInvalid,
+       "spec.backend.path"},
+      {"null backend of size 0", AttachCall("new", backend([](v1::BackendSpec* b) {
+                                              b->clear_path();
+                                              b->mutable_null()->set_size_bytes(0);
+                                            })),
+       kInvalid, "spec.backend.null.size_bytes"},
+      {"null backend size not a multiple of 512",
+       AttachCall("new", backend([](v1::BackendSpec* b) {
+                    b->clear_path();
+                    b->mutable_null()->set_size_bytes((uint64_t{1} << 30) + 100);
+                  })),
+       kInvalid, "spec.backend.null.size_bytes"},
+      {"null backend size not a multiple of a 4096-byte block",
+       AttachCall("new", backend([](v1::BackendSpec* b) {
+                    b->clear_path();
+                    b->set_logical_block_size(4096);
+                    b->mutable_null()->set_size_bytes((uint64_t{1} << 30) + 512);
+                  })),
+       kInvalid, "spec.backend.null.size_bytes"},
+      {"null backend above 1 PiB",
+       AttachCall("new", backend([](v1::BackendSpec* b) {
+                    b->clear_path();
+                    b->mutable_null()->set_size_bytes((uint64_t{1} << 50) + 4096);
+                  })),
+       kInvalid, "spec.backend.null.size_bytes"},
       // --- frontends
       {"both frontends",
        AttachCall("new", WithVhost(good,

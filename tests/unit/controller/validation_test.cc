@@ -230,6 +230,52 @@ TEST(ValidateSpecTest, Backend) {
   EXPECT_TRUE(IsInvalid(ValidateSpec(spec), "spec.backend.path"));
 }
 
+v1::DeviceSpec NullXenSpec(uint64_t size = uint64_t{1} << 30) {
+  v1::DeviceSpec spec = XenSpec();
+  spec.mutable_backend()->clear_path();
+  spec.mutable_backend()->mutable_null()->set_size_bytes(size);
+  return spec;
+}
+
+TEST(ValidateSpecTest, NullBackend) {
+  EXPECT_TRUE(ValidateSpec(NullXenSpec()).ok()) << ValidateSpec(NullXenSpec());
+  v1::DeviceSpec spec = NullXenSpec();
+  spec.mutable_backend()->mutable_null()->set_read_zeroes(true);
+  spec.mutable_backend()->set_logical_block_size(4096);
+  EXPECT_TRUE(ValidateSpec(spec).ok()) << ValidateSpec(spec);
+  EXPECT_TRUE(ValidateSpec(NullXenSpec(512)).ok());
+  EXPECT_TRUE(ValidateSpec(NullXenSpec(kMaxNullBackendSize)).ok());
+
+  // Both a path and null.
+  spec = NullXenSpec();
+  spec.mutable_backend()->set_path("/srv/images/vm1.img");
+  absl::Status s = ValidateSpec(spec);
+  EXPECT_TRUE(IsInvalid(s, "spec.backend")) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "exactly one of path and null")) << s;
+  // Neither: the path is what is missing, and the message points at null too.
+  spec = NullXenSpec();
+  spec.mutable_backend()->clear_null();
+  s = ValidateSpec(spec);
+  EXPECT_TRUE(IsInvalid(s, "spec.backend.path")) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "spec.backend.null")) << s;
+
+  EXPECT_TRUE(IsInvalid(ValidateSpec(NullXenSpec(0)), "spec.backend.null.size_bytes"));
+  s = ValidateSpec(NullXenSpec((uint64_t{1} << 30) + 1));
+  EXPECT_TRUE(IsInvalid(s, "spec.backend.null.size_bytes")) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "512")) << s;
+  spec = NullXenSpec((uint64_t{1} << 30) + 512);
+  spec.mutable_backend()->set_logical_block_size(4096);
+  s = ValidateSpec(spec);
+  EXPECT_TRUE(IsInvalid(s, "spec.backend.null.size_bytes")) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "4096")) << s;
+  EXPECT_TRUE(IsInvalid(ValidateSpec(NullXenSpec(kMaxNullBackendSize + 512)),
+                        "spec.backend.null.size_bytes"));
+  // An empty null message is set: its size is what is wrong.
+  spec = NullXenSpec();
+  spec.mutable_backend()->mutable_null()->Clear();
+  EXPECT_TRUE(IsInvalid(ValidateSpec(spec), "spec.backend.null.size_bytes"));
+}
+
 TEST(ValidateSpecTest, UnknownEnumValues) {
   struct Case {
     const char* field;
@@ -454,6 +500,7 @@ TEST(NormalizeSpecTest, IsIdempotent) {
   s.mutable_vhost_user()->set_socket_path("/run/./a//b/../vm.sock");
   s.mutable_vhost_user()->set_queue_size(128);
   specs.push_back(s);
+  specs.push_back(NullXenSpec());
   for (const v1::DeviceSpec& spec : specs) {
     v1::DeviceSpec once = NormalizeSpec(spec);
     v1::DeviceSpec twice = NormalizeSpec(once);
@@ -749,6 +796,33 @@ TEST(ValidateResizeTest, ShrinkBelowHighestWrittenOffset) {
   EXPECT_TRUE(absl::StrContains(s.message(), absl::StrCat(512 << 10))) << s;
   s = ValidateResize(ResizableDevice(), Resize((512 << 10) - 512, true));
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+}
+
+TEST(ValidateResizeTest, NullBackend) {
+  v1::Device d = ResizableDevice();
+  d.mutable_spec()->mutable_backend()->clear_path();
+  d.mutable_spec()->mutable_backend()->mutable_null()->set_size_bytes(1 << 20);
+  EXPECT_TRUE(ValidateResize(d, Resize(2 << 20)).ok());
+  EXPECT_TRUE(ValidateResize(d, Resize(kMaxNullBackendSize)).ok());
+  absl::Status s = ValidateResize(d, Resize(kMaxNullBackendSize + 512));
+  EXPECT_TRUE(IsInvalid(s, "new_size_bytes")) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "null backend")) << s;
+  // The other checks hold as for files.
+  EXPECT_TRUE(IsInvalid(ValidateResize(d, Resize(768 << 10)), "new_size_bytes"));
+  EXPECT_EQ(ValidateResize(d, Resize(256 << 10, true)).code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(NormalizeSpecTest, NullBackendKeepsItsFields) {
+  v1::DeviceSpec spec = NullXenSpec(uint64_t{1} << 30);
+  spec.mutable_backend()->mutable_null()->set_read_zeroes(true);
+  v1::DeviceSpec n = NormalizeSpec(spec);
+  EXPECT_TRUE(n.backend().has_null());
+  EXPECT_EQ(n.backend().null().size_bytes(), uint64_t{1} << 30);
+  EXPECT_TRUE(n.backend().null().read_zeroes());
+  EXPECT_EQ(n.backend().path(), "");
+  EXPECT_EQ(n.backend().logical_block_size(), 512u);
+  EXPECT_EQ(n.backend().cache(), v1::CACHE_MODE_NONE);
 }
 
 TEST(ValidateResizeTest, ReadOnlyDevice) {

@@ -109,6 +109,25 @@ TEST(CommandLineTest, AttachDefaultsLeaveFieldsUnsetForTheServer) {
       std::get<v1::AttachDeviceRequest>(invocation->request).spec().xen().has_persistent_grants());
 }
 
+TEST(CommandLineTest, AttachNullBackend) {
+  ExpectRequest<v1::AttachDeviceRequest>(
+      Parse({"attach", "bench", "--null-size", "1G", "--read-zeroes", "--xen-domid", "5",
+             "--xen-vdev", "xvda"}),
+      R"pb(device_id: "bench"
+           spec {
+             backend { null { size_bytes: 1073741824 read_zeroes: true } }
+             xen { domid: 5 virtual_device: "xvda" }
+           })pb");
+  // Without --read-zeroes; a size of 0 is the server's to refuse (it names the field).
+  ExpectRequest<v1::AttachDeviceRequest>(
+      Parse({"attach", "bench", "--null-size=0", "--vhost-socket", "/run/b.sock"}),
+      R"pb(device_id: "bench"
+           spec {
+             backend { null {} }
+             vhost_user { socket_path: "/run/b.sock" }
+           })pb");
+}
+
 TEST(CommandLineTest, AttachVhostUser) {
   ExpectRequest<v1::AttachDeviceRequest>(
       Parse({"attach", "vm1.disk0", "--path=/srv/vm1.img", "--vhost-socket", "/run/vm1.sock",
@@ -135,7 +154,15 @@ TEST(CommandLineTest, AttachPassesValuesTheServerValidates) {
 
 TEST(CommandLineTest, AttachUsageErrors) {
   EXPECT_EQ(UsageError({"attach", "dev0", "--xen-domid", "1", "--xen-vdev", "xvda"}),
-            "attach: --path is required");
+            "attach: --path is required (or --null-size for a null backend)");
+  EXPECT_EQ(UsageError({"attach", "d", "--path", "/p", "--null-size", "1G", "--xen-domid", "1",
+                        "--xen-vdev", "xvda"}),
+            "attach: --path and --null-size are exclusive: a device has one backend");
+  EXPECT_EQ(UsageError({"attach", "d", "--path", "/p", "--read-zeroes", "--vhost-socket", "/s"}),
+            "attach: --read-zeroes needs --null-size");
+  EXPECT_TRUE(
+      absl::StartsWith(UsageError({"attach", "d", "--null-size", "lots", "--vhost-socket", "/s"}),
+                       "attach: --null-size: invalid size"));
   EXPECT_EQ(UsageError({"attach", "dev0", "--path", "/p"}),
             "attach: a frontend is required: --xen-domid N --xen-vdev DEV, or --vhost-socket PATH");
   EXPECT_EQ(

@@ -1,0 +1,276 @@
+// A device with a null backend (spec.backend.null) end to end: attached with bpctl through a real
+// blockplaned --xen-platform=emulated, served by a real worker's blkif backend over NullBackend,
+// driven by the userspace blkfront of the harness (exact bytes through GuestQueue) and by the
+// bp-blkfront program (a workload, as the benchmark runs it).
+
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common/xen/xen_platform.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/harness/xen/blkfront.h"
+#include "tests/harness/xen/guest_domain.h"
+#include "tests/harness/xen/test_support.h"
+#include "tests/integration/controller/fixture.h"
+#include "tests/integration/xen/blkif_guest_io.h"
+
+namespace blockplane::xen_e2e {
+namespace {
+
+using harness::Blkfront;
+using harness::BlkfrontOptions;
+using harness::GuestDomain;
+using harness::TempDir;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+constexpr common::xen::DomainId kGuest = 5;
+constexpr uint32_t kDevid = 51712;  // xvda
+constexpr uint32_t kGuestPages = 8192;
+constexpr uint32_t kDataFirstFrame = 128;  // frames below hold the rings
+constexpr size_t kPage = 4096;
+constexpr uint64_t kSize = 64ull << 20;
+
+std::string ReadWholeFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+class NullBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<pid_t> pid =
+        harness::SpawnXenHost(BP_XENHOST_PATH, run_dir_.path(),
+                              std::to_string(kGuest) + ":" + std::to_string(kGuestPages) + ":8192");
+    ASSERT_TRUE(pid.ok()) << pid.status();
+    xenhost_pid_ = *pid;
+    controller_ = std::make_unique<testing::ControllerProcess>(
+        std::vector<std::string>{"--xen-platform=emulated", "--xen-run-dir=" + run_dir_.path()});
+    controller_->Start();
+    auto guest = GuestDomain::Connect(run_dir_.path(), kGuest);
+    ASSERT_TRUE(guest.ok()) << guest.status();
+    guest_ = std::move(*guest);
+    auto platform = common::xen::CreateEmulatedXenPlatform({run_dir_.path(), kGuest});
+    ASSERT_TRUE(platform.ok()) << platform.status();
+    guest_platform_ = std::move(*platform);
+  }
+
+  void TearDown() override {
+    queue_.reset();
+    blkfront_.reset();
+    controller_.reset();  // kills the workers
+    guest_.reset();
+    guest_platform_.reset();
+    if (xenhost_pid_ > 0) {
+      kill(xenhost_pid_, SIGTERM);
+      int status = 0;
+      waitpid(xenhost_pid_, &status, 0);
+    }
+  }
+
+  // bpctl attach xd0 --null-size 64M [flags] --xen-domid 5 --xen-vdev xvda.
+  void AttachWithBpctl(std::vector<std::string> flags) {
+    std::vector<std::string> args = {"attach", "xd0", "--null-size", "64M"};
+    args.insert(args.end(), flags.begin(), flags.end());
+    args.insert(args.end(), {"--xen-domid", "5", "--xen-vdev", "xvda", "--xen-max-queues", "1"});
+    testing::CommandResult attached = controller_->Bpctl(args);
+    ASSERT_EQ(attached.exit_code, 0) << attached.out << attached.err;
+    EXPECT_THAT(attached.out, HasSubstr("null"));
+  }
+
+  v1::Device GetDevice() {
+    grpc::ClientContext context;
+    v1::GetDeviceRequest request;
+    request.set_device_id("xd0");
+    v1::Device device;
+    grpc::Status status = controller_->stub().GetDevice(&context, request, &device);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return device;
+  }
+
+  uint64_t Ops(const std::string& op) {
+    grpc::ClientContext context;
+    v1::GetDeviceStatsRequest request;
+    request.set_device_id("xd0");
+    v1::DeviceStats stats;
+    EXPECT_TRUE(controller_->stub().GetDeviceStats(&context, request, &stats).ok());
+    for (const auto& o : stats.ops()) {
+      if (o.op() == op) return o.operations();
+    }
+    return 0;
+  }
+
+  void ConnectFrontend() {
+    BlkfrontOptions options;
+    options.devid = kDevid;
+    options.protocol = "x86_64-abi";
+    options.persistent_grants = true;
+    options.num_queues = 1;
+    options.timeout_ms = 20000;
+    blkfront_ = std::make_unique<Blkfront>(guest_platform_.get(), guest_.get(), options);
+    absl::Status connected = blkfront_->Connect();
+    ASSERT_TRUE(connected.ok()) << connected << "\n" << ReadWholeFile(controller_->log_path());
+    queue_ = std::make_unique<GuestQueue>(guest_.get(), &blkfront_->queues()[0],
+                                          worker::xen::Protocol::kX86_64, 0,
+                                          blkfront_->backend_info().feature_persistent,
+                                          kDataFirstFrame, /*slots=*/4, /*max_pages=*/16);
+  }
+
+  // One request at a time, so every request uses the same guest frames (slot 0): a read then
+  // finds in them what the write before it left there, unless the backend wrote to them.
+  GuestResponse RunOne(GuestRequest request) {
+    auto done = queue_->Run(std::span<GuestRequest>(&request, 1), 1);
+    EXPECT_TRUE(done.ok()) << done.status();
+    return done.ok() ? (*done)[0] : GuestResponse{};
+  }
+
+  // Writes a non-zero pattern at `sector`, then reads it back into the same guest frames.
+  std::vector<uint8_t> WriteThenRead(uint64_t sector, uint32_t pages, bool indirect) {
+    std::vector<uint8_t> pattern(pages * kPage);
+    for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = static_cast<uint8_t>(0x5a ^ i);
+    GuestResponse w = RunOne({.operation = BLKIF_OP_WRITE,
+                              .sector = sector,
+                              .pages = pages,
+                              .indirect = indirect,
+                              .write_data = pattern.data()});
+    EXPECT_EQ(w.status, BLKIF_RSP_OKAY);
+    std::vector<uint8_t> read(pages * kPage, 0xee);
+    GuestResponse r = RunOne({.operation = BLKIF_OP_READ,
+                              .sector = sector,
+                              .pages = pages,
+                              .indirect = indirect,
+                              .read_data = read.data()});
+    EXPECT_EQ(r.status, BLKIF_RSP_OKAY);
+    // The pattern the write left in the frames, for comparison.
+    written_ = std::move(pattern);
+    return read;
+  }
+
+  TempDir run_dir_;
+  pid_t xenhost_pid_ = -1;
+  std::unique_ptr<testing::ControllerProcess> controller_;
+  std::unique_ptr<GuestDomain> guest_;
+  std::unique_ptr<common::xen::XenPlatform> guest_platform_;
+  std::unique_ptr<Blkfront> blkfront_;
+  std::unique_ptr<GuestQueue> queue_;
+  std::vector<uint8_t> written_;
+};
+
+TEST_F(NullBackendTest, ReadZeroesDeviceReadsZeroesAndDropsWrites) {
+  AttachWithBpctl({"--read-zeroes"});
+  if (HasFatalFailure()) return;
+  v1::Device device = GetDevice();
+  EXPECT_TRUE(device.spec().backend().has_null());
+  EXPECT_TRUE(device.spec().backend().null().read_zeroes());
+  EXPECT_EQ(device.spec().backend().path(), "");
+  EXPECT_EQ(device.status().size_bytes(), kSize);
+  ConnectFrontend();
+  if (HasFatalFailure()) return;
+  EXPECT_EQ(blkfront_->backend_info().sectors, kSize / 512);
+
+  const std::vector<uint8_t> zeroes(16 * kPage, 0);
+  // Direct segments, then an indirect request of 16 pages; both at the start and the last page.
+  std::vector<uint8_t> read = WriteThenRead(0, 1, false);
+  EXPECT_TRUE(std::equal(read.begin(), read.end(), zeroes.begin())) << "one page at sector 0";
+  read = WriteThenRead(kSize / 512 - 8, 1, false);
+  EXPECT_TRUE(std::equal(read.begin(), read.end(), zeroes.begin())) << "last page";
+  read = WriteThenRead(1024, 16, true);
+  EXPECT_TRUE(std::equal(read.begin(), read.end(), zeroes.begin())) << "indirect, 16 pages";
+
+  // Past the end is refused, like any device's.
+  std::vector<uint8_t> buffer(kPage);
+  EXPECT_EQ(RunOne({.operation = BLKIF_OP_READ, .sector = kSize / 512, .read_data = buffer.data()})
+                .status,
+            BLKIF_RSP_ERROR);
+  // Flushes complete.
+  EXPECT_EQ(RunOne({.operation = BLKIF_OP_FLUSH_DISKCACHE, .pages = 0}).status, BLKIF_RSP_OKAY);
+  EXPECT_EQ(Ops("read"), 3u);
+  EXPECT_EQ(Ops("write"), 3u);
+  EXPECT_EQ(Ops("flush"), 1u);
+  EXPECT_EQ(queue_->grants_still_mapped(), 0u);
+}
+
+TEST_F(NullBackendTest, WithoutReadZeroesBuffersAreLeftUntouched) {
+  AttachWithBpctl({});
+  if (HasFatalFailure()) return;
+  EXPECT_FALSE(GetDevice().spec().backend().null().read_zeroes());
+  ConnectFrontend();
+  if (HasFatalFailure()) return;
+  // The read completes OKAY and the guest frames still hold what the write put there.
+  std::vector<uint8_t> read = WriteThenRead(64, 2, false);
+  EXPECT_TRUE(read == written_);
+  read = WriteThenRead(4096, 16, true);
+  EXPECT_TRUE(read == written_);
+}
+
+TEST_F(NullBackendTest, ResizeGrowsAndShrinksTheNullDevice) {
+  AttachWithBpctl({"--read-zeroes"});
+  if (HasFatalFailure()) return;
+  testing::CommandResult grown =
+      controller_->Bpctl({"resize", "xd0", "--size", std::to_string(2 * kSize)});
+  ASSERT_EQ(grown.exit_code, 0) << grown.out << grown.err;
+  EXPECT_EQ(GetDevice().status().size_bytes(), 2 * kSize);
+  ConnectFrontend();
+  if (HasFatalFailure()) return;
+  EXPECT_EQ(blkfront_->backend_info().sectors, 2 * kSize / 512);
+  // Beyond the old end works now.
+  std::vector<uint8_t> read = WriteThenRead(kSize / 512 + 8, 1, false);
+  EXPECT_TRUE(std::all_of(read.begin(), read.end(), [](uint8_t b) { return b == 0; }));
+  // Shrinking below what the guest wrote is refused; to above it, with allow_shrink, works, and
+  // growing again after a shrink works too (the null backend keeps no data).
+  testing::CommandResult refused =
+      controller_->Bpctl({"resize", "xd0", "--size", std::to_string(kSize / 2), "--allow-shrink"});
+  EXPECT_NE(refused.exit_code, 0);
+  EXPECT_THAT(refused.err, HasSubstr("new_size_bytes"));
+  testing::CommandResult shrunk = controller_->Bpctl(
+      {"resize", "xd0", "--size", std::to_string(kSize + (1 << 20)), "--allow-shrink"});
+  ASSERT_EQ(shrunk.exit_code, 0) << shrunk.out << shrunk.err;
+  testing::CommandResult regrown =
+      controller_->Bpctl({"resize", "xd0", "--size", std::to_string(kSize + (2 << 20))});
+  ASSERT_EQ(regrown.exit_code, 0) << regrown.out << regrown.err;
+  EXPECT_EQ(GetDevice().status().size_bytes(), kSize + (2 << 20));
+  read = WriteThenRead(kSize / 512 + 2048 + 8, 1, false);  // in the last MiB
+  EXPECT_TRUE(std::all_of(read.begin(), read.end(), [](uint8_t b) { return b == 0; }));
+}
+
+// bp-blkfront, as tests/bench/xen/run.sh runs it, against a null device: writes succeed, and
+// reads checked with --verify --assume-zeroed see zeroes everywhere.
+TEST_F(NullBackendTest, BlkfrontProgramRunsAgainstANullDevice) {
+  AttachWithBpctl({"--read-zeroes"});
+  if (HasFatalFailure()) return;
+  auto run = [&](std::vector<std::string> extra) {
+    std::vector<std::string> argv = {BP_BLKFRONT_PATH, "--run-dir", run_dir_.path(), "--domid", "5",
+                                     "--vdev",         "xvda"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    return harness::RunXenstoreTool(argv, run_dir_.path() + "/xenstored", 60000);
+  };
+  harness::CommandResult writes = run(
+      {"--workload", "randwrite", "--bs", "4k", "--iodepth", "32", "--ops", "4000", "--verify"});
+  ASSERT_EQ(writes.exit_code, 0) << writes.out << writes.err;
+  EXPECT_THAT(writes.out, HasSubstr("\"writes\":4000"));
+  EXPECT_THAT(writes.out, HasSubstr("\"errors\":{\"total\":0"));
+  // The write run left its (verify-formatted) data in the guest's frames, which the reads use
+  // again; they must find zeroes.
+  harness::CommandResult reads = run({"--workload", "randread", "--bs", "16k", "--iodepth", "32",
+                                      "--ops", "4000", "--verify", "--assume-zeroed", "--poll"});
+  ASSERT_EQ(reads.exit_code, 0) << reads.out << reads.err;
+  EXPECT_THAT(reads.out, HasSubstr("\"reads\":4000"));
+  EXPECT_THAT(reads.out, HasSubstr("\"errors\":{\"total\":0"));
+  EXPECT_THAT(reads.out, HasSubstr("\"failures\":0"));
+  EXPECT_THAT(reads.out, Not(HasSubstr("\"sectors_checked\":0,")));
+  EXPECT_EQ(Ops("write"), 4000u);
+  EXPECT_EQ(Ops("read"), 4000u);
+}
+
+}  // namespace
+}  // namespace blockplane::xen_e2e
