@@ -167,29 +167,30 @@ DeviceMetricsSnapshot Worker::MetricsSnapshot() const {
   s.state = absl::AsciiStrToLower(name.substr(sizeof("WORKER_STATE_") - 1));
   s.generation = config_.generation();
   if (xen_counters_[0] != nullptr) {
-    TransportMetricsSnapshot& t = s.transport.emplace();
-    t.invalid.resize(xen::kInvalidReasonCount);
-    for (size_t i = 0; i < xen::kInvalidReasonCount; ++i) {
-      t.invalid[i].first = std::string(xen::InvalidReasonName(static_cast<xen::InvalidReason>(i)));
-    }
-    for (const xen::BlkifCounters* x : xen_counters_) {
-      t.requests_taken += x->requests_taken.Get();
-      t.responses += x->responses.Get();
-      t.notifications_sent += x->notifications_sent.Get();
-      t.notifications_received += x->notifications_received.Get();
-      t.ring_full_stalls += x->ring_full_stalls.Get();
-      t.broken_queues += x->broken_queues.Get();
-      t.io_errors += x->io_errors.Get();
-      for (size_t i = 0; i < xen::kInvalidReasonCount; ++i)
-        t.invalid[i].second += x->invalid[i].Get();
-      t.grant_maps += x->grant_maps.Get();
-      t.grant_map_failures += x->grant_map_failures.Get();
-      t.grant_unmaps += x->grant_unmaps.Get();
-      t.grant_copies += x->grant_copies.Get();
-      t.grant_copy_failures += x->grant_copy_failures.Get();
-      t.persistent_hits += x->persistent_hits.Get();
-      t.persistent_misses += x->persistent_misses.Get();
-      t.persistent_evictions += x->persistent_evictions.Get();
+    s.transport.resize(xen::kBlkifMaxQueues);
+    for (uint32_t q = 0; q < xen::kBlkifMaxQueues; ++q) {
+      const xen::BlkifCounters* x = xen_counters_[q];
+      TransportMetricsSnapshot& t = s.transport[q];
+      t.requests_taken = x->requests_taken.Get();
+      t.responses = x->responses.Get();
+      t.notifications_sent = x->notifications_sent.Get();
+      t.notifications_received = x->notifications_received.Get();
+      t.ring_full_stalls = x->ring_full_stalls.Get();
+      t.broken_queues = x->broken_queues.Get();
+      t.io_errors = x->io_errors.Get();
+      for (size_t i = 0; i < xen::kInvalidReasonCount; ++i) {
+        t.invalid.emplace_back(
+            std::string(xen::InvalidReasonName(static_cast<xen::InvalidReason>(i))),
+            x->invalid[i].Get());
+      }
+      t.grant_maps = x->grant_maps.Get();
+      t.grant_map_failures = x->grant_map_failures.Get();
+      t.grant_unmaps = x->grant_unmaps.Get();
+      t.grant_copies = x->grant_copies.Get();
+      t.grant_copy_failures = x->grant_copy_failures.Get();
+      t.persistent_hits = x->persistent_hits.Get();
+      t.persistent_misses = x->persistent_misses.Get();
+      t.persistent_evictions = x->persistent_evictions.Get();
     }
   }
   return s;

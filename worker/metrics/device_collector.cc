@@ -1,5 +1,8 @@
 #include "worker/metrics/device_collector.h"
 
+#include <algorithm>
+#include <string>
+
 #include "common/metrics/process_collector.h"
 
 namespace blockplane::worker {
@@ -13,52 +16,98 @@ using prometheus::MetricType;
 
 namespace {
 
-void AddTransport(const TransportMetricsSnapshot& t, const std::vector<ClientMetric::Label>& device,
-                  std::vector<MetricFamily>* out) {
-  auto counter = [&](const char* name, const char* help, uint64_t value) {
-    out->push_back(MakeFamily(name, help, MetricType::Counter));
-    AddCounter(out->back(), device, static_cast<double>(value));
+struct TransportCounter {
+  const char* name;
+  const char* help;
+  uint64_t TransportMetricsSnapshot::*value;
+};
+// Exported before the invalid-request family.
+constexpr TransportCounter kRingCounters[] = {
+    {"blockplane_device_ring_requests_total", "Requests taken from the frontend's rings.",
+     &TransportMetricsSnapshot::requests_taken},
+    {"blockplane_device_ring_responses_total", "Responses written to the frontend's rings.",
+     &TransportMetricsSnapshot::responses},
+    {"blockplane_device_notifications_sent_total",
+     "Notifications (event channel kicks) sent to the frontend.",
+     &TransportMetricsSnapshot::notifications_sent},
+    {"blockplane_device_notifications_received_total",
+     "Notifications (event channel kicks) received from the frontend.",
+     &TransportMetricsSnapshot::notifications_received},
+    {"blockplane_device_ring_full_stalls_total",
+     "Polls that found every request slot of a ring outstanding (like blkback's oo_req).",
+     &TransportMetricsSnapshot::ring_full_stalls},
+    {"blockplane_device_broken_queues_total",
+     "Queues stopped because the frontend broke the ring protocol.",
+     &TransportMetricsSnapshot::broken_queues},
+    {"blockplane_device_error_responses_total",
+     "Requests answered with an error after the I/O failed.", &TransportMetricsSnapshot::io_errors},
+};
+// Exported after it.
+constexpr TransportCounter kGrantCounters[] = {
+    {"blockplane_xen_grant_maps_total", "Grant pages mapped.",
+     &TransportMetricsSnapshot::grant_maps},
+    {"blockplane_xen_grant_map_failures_total", "Grant map calls that failed.",
+     &TransportMetricsSnapshot::grant_map_failures},
+    {"blockplane_xen_grant_unmaps_total", "Grant pages unmapped.",
+     &TransportMetricsSnapshot::grant_unmaps},
+    {"blockplane_xen_grant_copies_total", "Grant copy segments.",
+     &TransportMetricsSnapshot::grant_copies},
+    {"blockplane_xen_grant_copy_failures_total", "Grant copy segments that failed.",
+     &TransportMetricsSnapshot::grant_copy_failures},
+    {"blockplane_xen_persistent_grant_hits_total",
+     "Segments served from the persistent grant cache.",
+     &TransportMetricsSnapshot::persistent_hits},
+    {"blockplane_xen_persistent_grant_misses_total",
+     "Segments whose grant was not in the persistent grant cache.",
+     &TransportMetricsSnapshot::persistent_misses},
+    {"blockplane_xen_persistent_grant_evictions_total", "Persistent grants unmapped to make room.",
+     &TransportMetricsSnapshot::persistent_evictions},
+};
+
+void AddTransport(const std::vector<TransportMetricsSnapshot>& queues,
+                  const std::vector<ClientMetric::Label>& device, std::vector<MetricFamily>* out) {
+  size_t exported = 1;
+  for (size_t q = 0; q < queues.size(); ++q) {
+    if (queues[q].Counted()) exported = q + 1;
+  }
+  exported = std::min(exported, queues.size());
+  std::vector<std::vector<ClientMetric::Label>> labels(exported, device);
+  for (size_t q = 0; q < exported; ++q) labels[q].push_back({"queue", std::to_string(q)});
+
+  auto add = [&](const TransportCounter& c) {
+    out->push_back(MakeFamily(c.name, c.help, MetricType::Counter));
+    for (size_t q = 0; q < exported; ++q) {
+      AddCounter(out->back(), labels[q], static_cast<double>(queues[q].*c.value));
+    }
   };
-  counter("blockplane_device_ring_requests_total", "Requests taken from the frontend's rings.",
-          t.requests_taken);
-  counter("blockplane_device_ring_responses_total", "Responses written to the frontend's rings.",
-          t.responses);
-  counter("blockplane_device_notifications_sent_total",
-          "Notifications (event channel kicks) sent to the frontend.", t.notifications_sent);
-  counter("blockplane_device_notifications_received_total",
-          "Notifications (event channel kicks) received from the frontend.",
-          t.notifications_received);
-  counter("blockplane_device_ring_full_stalls_total",
-          "Polls that found every request slot of a ring outstanding (like blkback's oo_req).",
-          t.ring_full_stalls);
-  counter("blockplane_device_broken_queues_total",
-          "Queues stopped because the frontend broke the ring protocol.", t.broken_queues);
-  counter("blockplane_device_error_responses_total",
-          "Requests answered with an error after the I/O failed.", t.io_errors);
+  for (const TransportCounter& c : kRingCounters) add(c);
   out->push_back(MakeFamily("blockplane_device_invalid_requests_total",
                             "Requests refused by the frontend's validation, by reason.",
                             MetricType::Counter));
-  for (const auto& [reason, value] : t.invalid) {
-    std::vector<ClientMetric::Label> labels = device;
-    labels.push_back({"reason", reason});
-    AddCounter(out->back(), std::move(labels), static_cast<double>(value));
+  for (size_t q = 0; q < exported; ++q) {
+    for (const auto& [reason, value] : queues[q].invalid) {
+      std::vector<ClientMetric::Label> with_reason = labels[q];
+      with_reason.push_back({"reason", reason});
+      AddCounter(out->back(), std::move(with_reason), static_cast<double>(value));
+    }
   }
-  counter("blockplane_xen_grant_maps_total", "Grant pages mapped.", t.grant_maps);
-  counter("blockplane_xen_grant_map_failures_total", "Grant map calls that failed.",
-          t.grant_map_failures);
-  counter("blockplane_xen_grant_unmaps_total", "Grant pages unmapped.", t.grant_unmaps);
-  counter("blockplane_xen_grant_copies_total", "Grant copy segments.", t.grant_copies);
-  counter("blockplane_xen_grant_copy_failures_total", "Grant copy segments that failed.",
-          t.grant_copy_failures);
-  counter("blockplane_xen_persistent_grant_hits_total",
-          "Segments served from the persistent grant cache.", t.persistent_hits);
-  counter("blockplane_xen_persistent_grant_misses_total",
-          "Segments whose grant was not in the persistent grant cache.", t.persistent_misses);
-  counter("blockplane_xen_persistent_grant_evictions_total",
-          "Persistent grants unmapped to make room.", t.persistent_evictions);
+  for (const TransportCounter& c : kGrantCounters) add(c);
 }
 
 }  // namespace
+
+bool TransportMetricsSnapshot::Counted() const {
+  for (const TransportCounter& c : kRingCounters) {
+    if (this->*c.value != 0) return true;
+  }
+  for (const TransportCounter& c : kGrantCounters) {
+    if (this->*c.value != 0) return true;
+  }
+  for (const auto& [reason, value] : invalid) {
+    if (value != 0) return true;
+  }
+  return false;
+}
 
 DeviceCollector::DeviceCollector(std::string device_id, std::string frontend,
                                  std::function<DeviceMetricsSnapshot()> snapshot)
@@ -155,7 +204,7 @@ std::vector<MetricFamily> DeviceCollector::Collect() const {
                            "Generation of the worker serving the device (1 + restarts).",
                            MetricType::Gauge));
   AddGauge(out.back(), device, static_cast<double>(s.generation));
-  if (s.transport) AddTransport(*s.transport, device, &out);
+  if (!s.transport.empty()) AddTransport(s.transport, device, &out);
   return out;
 }
 

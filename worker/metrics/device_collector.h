@@ -9,7 +9,6 @@
 
 #include <cstdint>
 #include <functional>
-#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -20,7 +19,7 @@
 
 namespace blockplane::worker {
 
-// Ring and transport counters of the frontend (Xen blkif for now).
+// Ring and transport counters of one queue of the frontend (Xen blkif for now).
 struct TransportMetricsSnapshot {
   uint64_t requests_taken = 0, responses = 0, notifications_sent = 0, notifications_received = 0;
   uint64_t ring_full_stalls = 0, broken_queues = 0, io_errors = 0;
@@ -29,6 +28,10 @@ struct TransportMetricsSnapshot {
   uint64_t grant_maps = 0, grant_map_failures = 0, grant_unmaps = 0, grant_copies = 0;
   uint64_t grant_copy_failures = 0;
   uint64_t persistent_hits = 0, persistent_misses = 0, persistent_evictions = 0;
+
+  // Whether any counter is above zero (the queue exists, or existed: a queue that connected has
+  // mapped its ring, which grant_maps counts).
+  bool Counted() const;
 };
 
 struct DeviceMetricsSnapshot {
@@ -37,7 +40,10 @@ struct DeviceMetricsSnapshot {
   // One of DeviceCollector::kStates ("waiting_for_frontend", "connected", ...).
   std::string state;
   uint64_t generation = 0;
-  std::optional<TransportMetricsSnapshot> transport;
+  // The frontend's counters by queue index, for every queue it could have (Xen: 16); empty
+  // without a frontend. Exported with a `queue` label for queues 0..n-1, n being 1 + the highest
+  // queue that Counted() (at least 1), so a 1-queue device has one series per counter.
+  std::vector<TransportMetricsSnapshot> transport;
 };
 
 class DeviceCollector final : public prometheus::Collectable {

@@ -245,7 +245,8 @@ TEST(DeployTest, GrafanaDashboardIsJsonAndUsesOnlyDocumentedMetrics) {
   for (const char* metric :
        {"blockplane_device_operations_total", "blockplane_device_bytes_total",
         "blockplane_device_latency_seconds_bucket", "blockplane_device_failed_total",
-        "blockplane_device_in_flight_requests"}) {
+        "blockplane_device_in_flight_requests", "blockplane_device_ring_requests_total",
+        "blockplane_device_ring_full_stalls_total", "blockplane_device_invalid_requests_total"}) {
     EXPECT_NE(dashboard.find(metric), std::string::npos) << metric;
     std::string base = absl::StrReplaceAll(metric, {{"_bucket", ""}});
     EXPECT_NE(docs.find(base), std::string::npos) << base;

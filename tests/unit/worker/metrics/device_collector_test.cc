@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include "gtest/gtest.h"
@@ -32,7 +33,8 @@ DeviceMetricsSnapshot Snapshot() {
   s.size_bytes = 8 << 20;
   s.state = "draining";
   s.generation = 3;
-  TransportMetricsSnapshot& t = s.transport.emplace();
+  s.transport.resize(16);  // as many as a Xen frontend may have; only queue 0 counted
+  TransportMetricsSnapshot& t = s.transport[0];
   t.requests_taken = 12;
   t.ring_full_stalls = 2;
   t.invalid = {{"misaligned", 5}, {"bad_discard", 0}};
@@ -69,21 +71,99 @@ TEST(DeviceCollectorTest, HistogramIsCumulativeWithTheBlockLayersBounds) {
       std::string::npos);
   EXPECT_NE(text.find(R"(blockplane_device_in_flight_requests{device="dev0",frontend="xen"} 4)"),
             std::string::npos);
-  EXPECT_NE(text.find(R"(blockplane_device_ring_requests_total{device="dev0",frontend="xen"} 12)"),
-            std::string::npos);
   EXPECT_NE(
       text.find(
-          R"(blockplane_device_invalid_requests_total{device="dev0",frontend="xen",reason="misaligned"} 5)"),
+          R"(blockplane_device_ring_requests_total{device="dev0",frontend="xen",queue="0"} 12)"),
       std::string::npos);
   EXPECT_NE(
-      text.find(R"(blockplane_xen_persistent_grant_hits_total{device="dev0",frontend="xen"} 9)"),
+      text.find(
+          R"(blockplane_device_invalid_requests_total{device="dev0",frontend="xen",queue="0",reason="misaligned"} 5)"),
       std::string::npos);
+  EXPECT_NE(
+      text.find(
+          R"(blockplane_xen_persistent_grant_hits_total{device="dev0",frontend="xen",queue="0"} 9)"),
+      std::string::npos);
+  // Queue 0 alone counted: no series of the 15 others.
+  EXPECT_EQ(text.find(R"(queue="1")"), std::string::npos);
+}
+
+// The series of family `name`, by their labels (without the device ones).
+std::map<std::map<std::string, std::string>, double> Series(
+    const std::vector<prometheus::MetricFamily>& families, const std::string& name) {
+  std::map<std::map<std::string, std::string>, double> out;
+  for (const prometheus::MetricFamily& family : families) {
+    if (family.name != name) continue;
+    for (const prometheus::ClientMetric& metric : family.metric) {
+      std::map<std::string, std::string> labels;
+      for (const auto& label : metric.label) {
+        if (label.name != "device" && label.name != "frontend") labels[label.name] = label.value;
+      }
+      EXPECT_FALSE(out.contains(labels)) << name;
+      out[labels] = metric.counter.value;
+    }
+  }
+  return out;
+}
+
+TEST(DeviceCollectorTest, TransportSeriesPerQueueUpToTheLastQueueThatCounted) {
+  DeviceCollector collector("dev0", "xen", [] {
+    DeviceMetricsSnapshot s = Snapshot();
+    s.transport.assign(16, TransportMetricsSnapshot{});
+    // Queues 0, 1 and 3 took requests; queue 2 only mapped its ring; 4..15 never existed.
+    s.transport[0].requests_taken = 7;
+    s.transport[1].requests_taken = 5;
+    s.transport[3].requests_taken = 11;
+    s.transport[2].grant_maps = 1;
+    for (TransportMetricsSnapshot& t : s.transport) {
+      t.invalid = {{"misaligned", 0}, {"bad_discard", 0}};
+    }
+    s.transport[3].invalid[1].second = 2;
+    s.transport[1].persistent_misses = 4;
+    return s;
+  });
+  const std::vector<prometheus::MetricFamily> families = collector.Collect();
+
+  auto requests = Series(families, "blockplane_device_ring_requests_total");
+  std::map<std::map<std::string, std::string>, double> expected = {
+      {{{"queue", "0"}}, 7}, {{{"queue", "1"}}, 5}, {{{"queue", "2"}}, 0}, {{{"queue", "3"}}, 11}};
+  EXPECT_EQ(requests, expected);
+  double total = 0;
+  for (const auto& [labels, value] : requests) total += value;
+  EXPECT_EQ(total, 7 + 5 + 11);  // the device's total is the sum over its queues
+
+  auto maps = Series(families, "blockplane_xen_grant_maps_total");
+  EXPECT_EQ(maps.size(), 4u);
+  EXPECT_EQ((maps[{{"queue", "2"}}]), 1);
+  auto misses = Series(families, "blockplane_xen_persistent_grant_misses_total");
+  EXPECT_EQ((misses[{{"queue", "1"}}]), 4);
+  EXPECT_EQ((misses[{{"queue", "0"}}]), 0);
+
+  auto invalid = Series(families, "blockplane_device_invalid_requests_total");
+  EXPECT_EQ(invalid.size(), 4u * 2);  // every reason of every exported queue
+  EXPECT_EQ((invalid[{{"queue", "3"}, {"reason", "bad_discard"}}]), 2);
+  EXPECT_EQ((invalid[{{"queue", "0"}, {"reason", "bad_discard"}}]), 0);
+  EXPECT_FALSE((invalid.contains({{"queue", "4"}, {"reason", "misaligned"}})));
+}
+
+TEST(DeviceCollectorTest, QueueZeroIsExportedBeforeAnythingCounted) {
+  DeviceCollector collector("dev0", "xen", [] {
+    DeviceMetricsSnapshot s = Snapshot();
+    s.transport.assign(16, TransportMetricsSnapshot{});
+    return s;
+  });
+  const std::vector<prometheus::MetricFamily> families = collector.Collect();
+  for (const char* name :
+       {"blockplane_device_ring_requests_total", "blockplane_device_notifications_sent_total",
+        "blockplane_device_ring_full_stalls_total", "blockplane_xen_grant_unmaps_total"}) {
+    std::map<std::map<std::string, std::string>, double> expected = {{{{"queue", "0"}}, 0}};
+    EXPECT_EQ(Series(families, name), expected) << name;
+  }
 }
 
 TEST(DeviceCollectorTest, NoTransportFamiliesWithoutAFrontend) {
   DeviceCollector collector("dev0", "none", [] {
     DeviceMetricsSnapshot s = Snapshot();
-    s.transport.reset();
+    s.transport.clear();
     return s;
   });
   EXPECT_EQ(Render(collector).find("blockplane_device_ring_requests_total"), std::string::npos);

@@ -3,7 +3,9 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <filesystem>
+#include <stdexcept>
 
 #include "gtest/gtest.h"
 #include "worker/backend/ram_backend.h"
@@ -108,6 +110,77 @@ TEST_F(StatsSegmentTest, MismatchingSegmentIsReplacedWithZeroes) {
   // A truncated file is not mapped either.
   ASSERT_EQ(truncate(path_.c_str(), 100), 0);
   EXPECT_FALSE(StatsSegment::Open(path_, "dev0", 3).ok());
+}
+
+// Counters shaped like a frontend's per-queue struct (xen::BlkifCounters).
+struct QueueCounters {
+  BlockCounter requests, responses;
+  std::array<BlockCounter, 10> invalid;
+};
+
+TEST_F(StatsSegmentTest, EachQueueHasItsOwnTransportAreaThatPersists) {
+  ASSERT_TRUE(PrepareStatsSegment(path_, "dev0").ok());
+  {
+    auto segment = StatsSegment::Open(path_, "dev0", 1);
+    ASSERT_TRUE(segment.ok()) << segment.status();
+    for (int q = 0; q < kStatsSegmentQueues; ++q) {
+      QueueCounters* c = (*segment)->transport<QueueCounters>(q);
+      c->requests.Add(100 + q);
+      c->invalid[9].Add(q);
+    }
+  }
+  ASSERT_TRUE(PrepareStatsSegment(path_, "dev0").ok());  // kept
+  auto segment = StatsSegment::Open(path_, "dev0", 2);
+  ASSERT_TRUE(segment.ok()) << segment.status();
+  for (int q = 0; q < kStatsSegmentQueues; ++q) {
+    const QueueCounters* c = (*segment)->transport<QueueCounters>(q);
+    EXPECT_EQ(c->requests.Get(), 100u + q) << q;
+    EXPECT_EQ(c->responses.Get(), 0u) << q;
+    EXPECT_EQ(c->invalid[9].Get(), static_cast<uint64_t>(q)) << q;
+    // The areas do not overlap and stay inside the layout.
+    const auto* area = reinterpret_cast<const std::byte*>(c);
+    const auto* base = reinterpret_cast<const std::byte*>(&(*segment)->layout());
+    EXPECT_GE(area, base + offsetof(StatsSegmentLayout, transport) +
+                        size_t(q) * sizeof(StatsSegmentQueueCounters));
+    EXPECT_LE(area + sizeof(QueueCounters), base + sizeof(StatsSegmentLayout));
+  }
+  EXPECT_EQ((*segment)->block_ops()[0].bytes.Get(), 0u);  // no overlap with the block layer's
+  EXPECT_THROW((*segment)->transport<QueueCounters>(kStatsSegmentQueues), std::out_of_range);
+}
+
+// A segment of layout version 1 (one transport area of 64 counters for every queue together),
+// as a worker before per-queue counters left it: the controller replaces it with a zeroed one
+// of the current layout, which the worker maps.
+TEST_F(StatsSegmentTest, VersionOneSegmentIsReplaced) {
+  const size_t v1_size = offsetof(StatsSegmentLayout, transport) + 64 * sizeof(BlockCounter);
+  ASSERT_LT(v1_size, sizeof(StatsSegmentLayout));
+  {
+    std::filesystem::create_directories(std::filesystem::path(path_).parent_path());
+    int fd = open(path_.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(ftruncate(fd, static_cast<off_t>(v1_size)), 0);
+    StatsSegmentHeader h;
+    memset(static_cast<void*>(&h), 0, offsetof(StatsSegmentHeader, generation));
+    h.magic = kStatsSegmentMagic;
+    h.version = 1;
+    h.header_size = sizeof(StatsSegmentHeader);
+    h.total_size = v1_size;
+    strcpy(h.device_id, "dev0");
+    ASSERT_EQ(pwrite(fd, &h, offsetof(StatsSegmentHeader, generation), 0),
+              static_cast<ssize_t>(offsetof(StatsSegmentHeader, generation)));
+    const uint64_t requests = 77;  // transport[0] of version 1
+    ASSERT_EQ(pwrite(fd, &requests, sizeof(requests), offsetof(StatsSegmentLayout, transport)),
+              static_cast<ssize_t>(sizeof(requests)));
+    close(fd);
+  }
+  EXPECT_EQ(StatsSegment::Open(path_, "dev0", 1).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(PrepareStatsSegment(path_, "dev0").ok());
+  EXPECT_EQ(std::filesystem::file_size(path_), sizeof(StatsSegmentLayout));
+  auto segment = StatsSegment::Open(path_, "dev0", 2);
+  ASSERT_TRUE(segment.ok()) << segment.status();
+  EXPECT_EQ((*segment)->layout().header.version, kStatsSegmentVersion);
+  EXPECT_EQ((*segment)->transport<QueueCounters>(0)->requests.Get(), 0u);
 }
 
 TEST_F(StatsSegmentTest, RemoveDeletesTheFile) {
