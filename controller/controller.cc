@@ -116,6 +116,7 @@ absl::Status Controller::Start() {
   m.xen_run_dir = options_.xen_run_dir;
   m.xen_grant_copy = options_.xen_grant_copy;
   m.xen_max_persistent_grants = options_.xen_max_persistent_grants;
+  m.xen_poll_us = options_.xen_poll_us;
   if (access(m.spawn.worker_binary.c_str(), X_OK) != 0) {
     return absl::FailedPreconditionError(absl::StrCat("--worker-binary: ", m.spawn.worker_binary,
                                                       " is not executable: ", strerror(errno)));

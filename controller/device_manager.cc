@@ -140,6 +140,7 @@ internal::WorkerConfig DeviceManager::MakeConfig(const v1::Device& device) const
     config.set_xen_run_dir(options_.xen_run_dir);
     config.set_xen_grant_copy(options_.xen_grant_copy);
     config.set_xen_max_persistent_grants(static_cast<uint32_t>(options_.xen_max_persistent_grants));
+    config.set_xen_poll_us(static_cast<uint32_t>(options_.xen_poll_us));
     if (absl::StatusOr<uint32_t> devid =
             ParseXenVirtualDevice(device.spec().xen().virtual_device());
         devid.ok()) {
@@ -640,10 +641,12 @@ absl::StatusOr<v1::Device> DeviceManager::Attach(const v1::AttachDeviceRequest& 
                        SpecDifference(existing->device.spec(), spec), ")"));
     }
   }
-  absl::StatusOr<BackingInfo> backing =
-      spec.backend().has_null() ? absl::StatusOr<BackingInfo>(
-                                      BackingInfo{.size_bytes = spec.backend().null().size_bytes()})
-                                : InspectBacking(spec.backend(), options_.backing_roots);
+  absl::StatusOr<BackingInfo> backing = BackingInfo();
+  if (spec.backend().has_null()) {
+    backing->size_bytes = spec.backend().null().size_bytes();  // no file
+  } else {
+    backing = InspectBacking(spec.backend(), options_.backing_roots);
+  }
   if (!backing.ok()) return backing.status();
 
   internal::WorkerConfig config;

@@ -42,6 +42,7 @@ struct ManagerOptions {
   std::string xen_run_dir;
   bool xen_grant_copy = false;
   int xen_max_persistent_grants = 0;
+  int xen_poll_us = 0;
 };
 
 // A live feed of device events for WatchDevices. Bounded: a watcher that falls more than

@@ -41,6 +41,9 @@ Flags:
                             persistent grants are offered then)
   --xen-max-persistent-grants=N  persistent grants a Xen device keeps mapped per queue, least
                             recently used released first (default 1056, as blkback)
+  --xen-poll-us=N           workers busy-poll each Xen ring for N microseconds after its last
+                            request before asking the frontend for a kick (default 0: no
+                            polling; polling trades a core for latency)
   --log-level=LEVEL         debug, info, warning or error (default info)
   --help                    this text
 )";
@@ -126,6 +129,12 @@ absl::StatusOr<ControllerOptions> ParseControllerFlags(int argc, char** argv) {
       o.xen_grant_copy = true;
     } else if (name == "--xen-max-persistent-grants") {
       s = number(&o.xen_max_persistent_grants, 1);
+    } else if (name == "--xen-poll-us") {
+      s = number(&o.xen_poll_us, 0);
+      if (s.ok() && o.xen_poll_us > 10'000'000) {
+        s = absl::InvalidArgumentError(
+            absl::StrCat(name, ": \"", value, "\" is above 10000000 (10 s)"));
+      }
     } else if (name == "--metrics-listen") {
       if ((s = need()).ok()) o.metrics_listen = value;
     } else if (name == "--enable-self-test-io") {

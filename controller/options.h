@@ -27,6 +27,7 @@ struct ControllerOptions {
   std::string xen_run_dir;
   bool xen_grant_copy = false;
   int xen_max_persistent_grants = 0;  // 0: the worker default (1056)
+  int xen_poll_us = 0;                // 0: workers sleep until the frontend kicks
   bool help = false;
 };
 

@@ -253,6 +253,7 @@ absl::Status Worker::StartXen() {
   if (config_.xen_max_persistent_grants() != 0) {
     options.max_persistent_grants = config_.xen_max_persistent_grants();
   }
+  options.poll_ns = uint64_t{config_.xen_poll_us()} * 1000;
   static_assert(xen::kBlkifMaxQueues <= kStatsSegmentQueues);
   for (uint32_t q = 0; q < xen::kBlkifMaxQueues; ++q) {
     xen_counters_[q] =

@@ -127,6 +127,9 @@ struct BlkifBackend::Queue {
   QueueKick process_kick;
   bool push_scheduled = false;
   bool process_scheduled = false;
+  int64_t last_request_ns = 0;  // loop time of the last poll that found requests (polling)
+  // The frontend grants indirect pages read-only: they are not kept as persistent grants.
+  bool indirect_read_only = false;
   std::vector<std::unique_ptr<Pending>> pool;
   std::vector<Pending*> free;
   std::unordered_map<GrantRef, PersistentGrant> persistent;
@@ -628,9 +631,19 @@ void BlkifBackend::ProcessQueue(Queue& queue) {
       return;
     }
     if (*available == 0) {
+      if (options_.poll_ns > 0 &&
+          loop_->now_ns() - queue.last_request_ns < static_cast<int64_t>(options_.poll_ns)) {
+        // Polling: look again on the next pass, without asking the frontend for a kick.
+        if (!queue.process_scheduled) {
+          queue.process_scheduled = true;
+          loop_->Defer(&queue.process_kick, 0);
+        }
+        return;
+      }
       if (queue.ring->FinalCheckForRequests()) continue;
       return;
     }
+    if (options_.poll_ns > 0) queue.last_request_ns = loop_->now_ns();
     if (queue.ring->outstanding() + *available >= queue.ring->size())
       queue.counters.ring_full_stalls.Add();
     while (budget > 0 && !queue.held_barrier && !queue.stopped) {
@@ -727,18 +740,7 @@ absl::Status BlkifBackend::MapPersistent(Queue& queue, Pending& p) {
   mapped_pages_ += p.misses.size();
   // Make room by releasing unused least-recently-used grants; if the cache is still too full,
   // these pages are used for this request only (blkback maps them non-persistently too).
-  const size_t cap = options_.max_persistent_grants;
-  auto victim = queue.lru.end();
-  while (queue.persistent.size() + p.misses.size() > cap && victim != queue.lru.begin()) {
-    --victim;
-    PersistentGrant& grant = queue.persistent.find(*victim)->second;
-    if (grant.users != 0) continue;
-    auto next = victim;
-    ++next;
-    EvictPersistent(queue, &grant);
-    victim = next;
-  }
-  const bool keep = queue.persistent.size() + p.misses.size() <= cap;
+  const bool keep = MakeRoomForPersistent(queue, p.misses.size());
   std::shared_ptr<GrantGroup> group;
   if (keep) {
     group = std::make_shared<GrantGroup>();
@@ -765,6 +767,52 @@ absl::Status BlkifBackend::MapPersistent(Queue& queue, Pending& p) {
     }
   }
   return absl::OkStatus();
+}
+
+bool BlkifBackend::MakeRoomForPersistent(Queue& queue, size_t pages) {
+  const size_t cap = options_.max_persistent_grants;
+  auto victim = queue.lru.end();
+  while (queue.persistent.size() + pages > cap && victim != queue.lru.begin()) {
+    --victim;
+    PersistentGrant& grant = queue.persistent.find(*victim)->second;
+    if (grant.users != 0) continue;
+    auto next = victim;
+    ++next;
+    EvictPersistent(queue, &grant);
+    victim = next;
+  }
+  return queue.persistent.size() + pages <= cap;
+}
+
+absl::StatusOr<const std::byte*> BlkifBackend::IndirectPagePersistent(
+    Queue& queue, GrantRef ref, std::unique_ptr<GrantMapping>* temporary) {
+  if (auto it = queue.persistent.find(ref); it != queue.persistent.end()) {
+    queue.counters.persistent_hits.Add();
+    queue.lru.splice(queue.lru.begin(), queue.lru, it->second.lru);
+    return it->second.page;
+  }
+  queue.counters.persistent_misses.Add();
+  // Writable like every persistent grant: the page may carry data in a later request.
+  absl::StatusOr<std::unique_ptr<GrantMapping>> mapping = platform_->grant_table().Map(
+      options_.frontend_domid, std::span<const GrantRef>(&ref, 1), /*writable=*/true);
+  if (!mapping.ok()) return mapping.status();  // the caller falls back to a read-only map
+  queue.counters.grant_maps.Add();
+  if (!MakeRoomForPersistent(queue, 1)) {
+    *temporary = std::move(*mapping);
+    return (*temporary)->page(0).data();
+  }
+  mapped_pages_ += 1;
+  auto group = std::make_shared<GrantGroup>();
+  group->mapping = std::move(*mapping);
+  PersistentGrant& grant = queue.persistent[ref];
+  grant.ref = ref;
+  grant.page = group->mapping->page(0).data();
+  grant.group = std::move(group);
+  grant.users = 0;
+  queue.lru.push_front(ref);
+  grant.lru = queue.lru.begin();
+  persistent_mapped_.Add();
+  return grant.page;
 }
 
 void BlkifBackend::EvictPersistent(Queue& queue, PersistentGrant* grant) {
@@ -860,24 +908,52 @@ void BlkifBackend::StartRequest(Queue& queue, const BlkifRequest& request) {
   }
 
   if (request.is_indirect()) {
-    // The descriptor pages: mapped read-only, copied out once by the parser, unmapped.
-    absl::StatusOr<std::unique_ptr<GrantMapping>> pages = platform_->grant_table().Map(
-        options_.frontend_domid,
-        std::span<const GrantRef>(request.indirect.grefs.data(), request.indirect.nr_pages),
-        /*writable=*/false);
-    if (!pages.ok()) {
-      queue.counters.grant_map_failures.Add();
+    // The descriptor pages are copied out once by the parser. With persistent grants a one-page
+    // list (up to 512 segments) goes through the persistent-grant cache, as in blkback, whose
+    // frontend grants indirect pages from its persistent pool: a warm request maps nothing.
+    // Otherwise the pages are mapped read-only for the copy and unmapped.
+    // A frontend that grants its indirect pages read-only (allowed: the backend only reads them)
+    // cannot have them mapped writable: its queue goes back to mapping them per request.
+    std::unique_ptr<GrantMapping> temporary;
+    std::span<const std::byte> bytes;
+    if (use_persistent_ && !queue.indirect_read_only && request.indirect.nr_pages == 1) {
+      absl::StatusOr<const std::byte*> page =
+          IndirectPagePersistent(queue, request.indirect.grefs[0], &temporary);
+      if (page.ok()) {
+        bytes = std::span<const std::byte>(*page, kXenPageSize);
+      } else {
+        queue.indirect_read_only = true;
+        BP_LOG(Info) << "blkback " << options_.backend_path << ": queue " << queue.index
+                     << ": indirect page not writable (" << page.status().message()
+                     << "); indirect pages are mapped per request from now on";
+      }
+    }
+    if (bytes.empty()) {
+      absl::StatusOr<std::unique_ptr<GrantMapping>> pages = platform_->grant_table().Map(
+          options_.frontend_domid,
+          std::span<const GrantRef>(request.indirect.grefs.data(), request.indirect.nr_pages),
+          /*writable=*/false);
+      if (pages.ok()) {
+        queue.counters.grant_maps.Add(request.indirect.nr_pages);
+        temporary = std::move(*pages);
+        bytes = temporary->bytes();
+      } else {
+        queue.counters.grant_map_failures.Add();
+      }
+    }
+    if (bytes.empty()) {
       queue.counters.invalid[static_cast<size_t>(InvalidReason::kBadIndirect)].Add();
       return fail(BLKIF_RSP_ERROR);
     }
-    queue.counters.grant_maps.Add(request.indirect.nr_pages);
-    std::span<std::byte> bytes = (*pages)->bytes();
     Parsed<IndirectSegments> segments = ParseIndirectSegments(
         request,
         std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()),
         Geometry(), std::span<BlkifSegment>(p.segments));
-    (void)(*pages)->Unmap();
-    queue.counters.grant_unmaps.Add(request.indirect.nr_pages);
+    if (temporary) {
+      const size_t pages = temporary->refs().size();
+      (void)temporary->Unmap();
+      queue.counters.grant_unmaps.Add(pages);
+    }
     if (!segments.ok()) {
       queue.counters.invalid[static_cast<size_t>(segments.error().reason)].Add();
       return fail(segments.error().status);

@@ -104,6 +104,11 @@ struct BlkifBackendOptions {
   GrantMode grant_mode = GrantMode::kMap;
   // Requests taken from one queue per loop pass before yielding to the rest of the loop.
   uint32_t max_requests_per_pass = 64;
+  // Polling: after a queue's last request, look at its ring again on every loop pass for this
+  // long before asking the frontend for a kick (req_event). While a queue polls, a frontend that
+  // honours notification suppression sends no event, and the loop does not sleep. 0: no polling,
+  // every empty ring asks for a kick (blkback's behaviour).
+  uint64_t poll_ns = 0;
   bool cdrom = false;  // VDISK_CDROM in "info"
   // Where each queue's counters live, by queue index (each outlives the backend); a null entry:
   // inside the backend, from zero.
@@ -206,6 +211,15 @@ class BlkifBackend {
   void StartRequest(Queue& queue, const BlkifRequest& request);
   absl::Status MapData(Pending& pending, bool writable);
   absl::Status MapPersistent(Queue& queue, Pending& pending);
+  // Releases unused least-recently-used persistent grants until `pages` more fit under the cap;
+  // false if they still do not (every cached page is in use).
+  bool MakeRoomForPersistent(Queue& queue, size_t pages);
+  // One page through the persistent-grant cache, for an indirect descriptor page that is read
+  // at once: a hit maps nothing; a miss maps the page and keeps it if there is room, else it is
+  // mapped into `*temporary` (the caller unmaps it). No use count is held.
+  absl::StatusOr<const std::byte*> IndirectPagePersistent(
+      Queue& queue, common::xen::GrantRef ref,
+      std::unique_ptr<common::xen::GrantMapping>* temporary);
   void BuildCopySegments(Pending& pending);
   void SubmitStep(Pending& pending);
   void OnStepDone(Pending& pending, int result);

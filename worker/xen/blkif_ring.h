@@ -38,6 +38,9 @@ uint32_t RingEntries(Protocol protocol, size_t ring_bytes);
 
 class BlkifBackRing {
  public:
+  // Slots whose cache lines PollRequests() prefetches (a ring pass takes at most this many).
+  static constexpr uint32_t kPrefetchSlots = 64;
+
   // Attaches to the mapped shared ring `shared` (nr_pages * 4096 bytes; the span must stay valid
   // and mapped for the life of this object). Does not write the shared page (the frontend
   // initialised it). `start` is where req_cons and rsp_prod_pvt begin (BACK_RING_ATTACH): 0 for

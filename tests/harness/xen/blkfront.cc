@@ -877,11 +877,14 @@ absl::StatusOr<bool> Blkfront::Push(uint32_t queue) {
   return true;
 }
 
-size_t Blkfront::Reap(uint32_t queue, std::span<BlkfrontCompletion> out) {
+size_t Blkfront::Reap(uint32_t queue, std::span<BlkfrontCompletion> out, bool want_event) {
   if (queue >= queues_.size() || out.empty()) return 0;
   BlkfrontQueue& q = queues_[queue];
   std::atomic_ref<uint32_t> rsp_prod = SharedWord(q.ring, kRspProd);
   size_t done = 0;
+  // One clock read for every response of this call: the latency of each is measured up to the
+  // moment the frontend looked (the clock costs as much as the rest of a completion).
+  const uint64_t now = NowNs();
   while (true) {
     const uint32_t prod = rsp_prod.load(std::memory_order_acquire);
     // A backend that claims more responses than requests pushed is broken; never read past
@@ -917,9 +920,10 @@ size_t Blkfront::Reap(uint32_t queue, std::span<BlkfrontCompletion> out) {
       --q.in_flight;
       EndSlotGrants(queue, slot);
       if (s.revoke_pending) ++counters_.grants_still_mapped;
-      out[done++] = BlkfrontCompletion{queue, slot, operation, status, NowNs() - s.submit_ns};
+      out[done++] = BlkfrontCompletion{queue, slot, operation, status, now - s.submit_ns};
     }
     if (done == out.size()) return done;  // the caller comes back for the rest
+    if (!want_event) return done;         // polling: the caller looks again by itself
     // RING_FINAL_CHECK_FOR_RESPONSES: ask for a kick on the next response, then look again.
     SharedWord(q.ring, kRspEvent).store(q.rsp_cons + 1, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_seq_cst);

@@ -266,7 +266,9 @@ class Blkfront {
   // Consumes up to out.size() responses of `queue` (RING_FINAL_CHECK_FOR_RESPONSES when it runs
   // out: rsp_event is set so the backend kicks for the next one). Ends the access of
   // non-persistent grants. The slots stay acquired: ReleaseSlot() them after use.
-  size_t Reap(uint32_t queue, std::span<BlkfrontCompletion> out);
+  // `want_event` false (a polling frontend): rsp_event is left alone, so a backend that honours
+  // notification suppression does not kick for responses nobody sleeps on.
+  size_t Reap(uint32_t queue, std::span<BlkfrontCompletion> out, bool want_event = true);
   // Waits up to timeout_ms for any queue's event channel and acknowledges what fired. Returns
   // false on timeout.
   absl::StatusOr<bool> WaitForEvent(int timeout_ms);

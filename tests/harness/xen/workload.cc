@@ -591,7 +591,7 @@ absl::Status WorkloadRunner::Loop() {
     size_t reaped = 0;
     for (uint32_t q = 0; q < queues; ++q) {
       size_t n;
-      while ((n = front_.Reap(q, completions)) > 0) {
+      while ((n = front_.Reap(q, completions, /*want_event=*/!options_.poll)) > 0) {
         for (size_t i = 0; i < n; ++i) Complete(completions[i]);
         reaped += n;
         in_flight -= static_cast<uint32_t>(n);

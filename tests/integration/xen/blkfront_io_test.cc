@@ -6,10 +6,12 @@
 #include <sys/wait.h>
 #include <xen/grant_table.h>
 
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/event_loop.h"
@@ -838,6 +840,82 @@ INSTANTIATE_TEST_SUITE_P(Negotiations, ProductBackendWorkloadTest,
                                            ProductParams{"native", true, 2, 4, 32, 64 * 1024},
                                            ProductParams{"x86_32-abi", false, 0, 2, 32,
                                                          128 * 1024}));
+
+// Polling on both sides (--xen-poll-us in the worker, --poll in bp-blkfront): the backend looks
+// at the ring on every pass for poll_ns after its last request instead of setting req_event,
+// and the polling frontend never sets rsp_event, so neither side sends events while requests
+// keep coming. Once the backend has been idle for poll_ns it asks for kicks again, and a
+// frontend that sleeps on its event channel is served.
+TEST_F(ProductBackendTest, PollingSidesExchangeNoEventsAndFallBackToKicks) {
+  worker::xen::BlkifBackendOptions backend;
+  backend.poll_ns = 200'000'000;  // 200 ms: a loaded machine does not end the polling early
+  StartBackend(backend, /*read_only=*/false);
+  BlkfrontOptions options;
+  options.slots_per_queue = 16;
+  ConnectFront(options);
+  WorkloadOptions workload;
+  workload.read_percent = 50;
+  workload.iodepth = 8;
+  workload.ops = 4000;
+  workload.sectors = 2048;
+  workload.verify = true;
+  workload.poll = true;
+  auto polled = RunWorkload(*front_, workload);
+  ASSERT_TRUE(polled.ok()) << polled.status();
+  EXPECT_EQ(polled->total_errors(), 0u) << polled->ToJson(*front_);
+  EXPECT_EQ(polled->verify_failures, 0u);
+  const BlkfrontCounters polling = front_->counters();
+  // The first push kicks (the ring starts with req_event 1); then the backend polls.
+  EXPECT_GE(polling.notifications_sent, 1u);
+  EXPECT_LT(polling.notifications_sent, 20u) << polled->ToJson(*front_);
+  EXPECT_GE(polling.pushes, 4000u / 8) << polled->ToJson(*front_);  // at most iodepth per push
+  // Responses were pushed without events: at most the first one kicked (rsp_event starts at 1).
+  EXPECT_LE(blkback_->Stats().notifications_sent, 1u);
+
+  // Idle for longer than the window, then a frontend that sleeps until kicked.
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  workload.poll = false;
+  workload.ops = 200;
+  auto kicked = RunWorkload(*front_, workload);
+  ASSERT_TRUE(kicked.ok()) << kicked.status();
+  EXPECT_EQ(kicked->total_errors(), 0u) << kicked->ToJson(*front_);
+  EXPECT_GT(front_->counters().notifications_sent, polling.notifications_sent);
+  EXPECT_GT(front_->counters().events_received, polling.events_received);
+  StopBackend();
+  EXPECT_EQ(stats_.broken_queues, 0u);
+}
+
+// With persistent grants the indirect descriptor pages stay mapped like the data pages (blkback
+// does the same): after the first use of each slot, an indirect request maps nothing.
+TEST_F(ProductBackendTest, IndirectPagesArePersistentGrants) {
+  worker::xen::BlkifBackendOptions backend;
+  backend.max_indirect_segments = 32;
+  StartBackend(backend, /*read_only=*/false);
+  BlkfrontOptions options;
+  options.max_indirect_segments = 32;
+  options.max_request_bytes = 64 * 1024;  // 16 pages: above 11, so every request is indirect
+  options.slots_per_queue = 8;
+  ConnectFront(options);
+  ASSERT_TRUE(front_->persistent_grants());
+  WorkloadOptions workload;
+  workload.read_percent = 50;
+  workload.block_bytes = 64 * 1024;
+  workload.iodepth = 8;
+  workload.ops = 1000;
+  workload.sectors = 4096;
+  workload.verify = true;
+  auto result = RunWorkload(*front_, workload);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->total_errors(), 0u) << result->ToJson(*front_);
+  EXPECT_EQ(result->verify_failures, 0u);
+  EXPECT_GE(front_->counters().indirect_requests, 1000u);
+  const worker::xen::BlkifBackendStats stats = blkback_->Stats();
+  // At most every slot's 16 data pages and 1 indirect page, plus the ring: not one per request.
+  EXPECT_LE(stats.grant_maps, 8u * 17 + 1) << "grant maps " << stats.grant_maps;
+  EXPECT_GE(stats.persistent_hits, 1000u * 17 - 8 * 17);
+  StopBackend();
+  EXPECT_EQ(stats_.grant_maps, stats_.grant_unmaps);
+}
 
 class ProductBackendHostileTest : public ProductBackendTest,
                                   public ::testing::WithParamInterface<bool> {};
