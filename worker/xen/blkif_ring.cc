@@ -63,6 +63,22 @@ BlkifBackRing::BlkifBackRing(Protocol protocol, std::span<uint8_t> shared, uint3
       req_prod_snapshot_(start),
       rsp_prod_published_(start) {}
 
+namespace {
+
+// PREFETCHW: fetch the line in exclusive state, so that reading the request and then writing the
+// response into it costs one transfer from the frontend's CPU, not two. GCC emits only
+// PREFETCHT0 for __builtin_prefetch(p, 1) on baseline x86-64; CPUs without PREFETCHW treat the
+// opcode as a NOP.
+inline void PrefetchForWrite(const void* p) {
+#if defined(__x86_64__)
+  __asm__ __volatile__("prefetchw %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 1);
+#endif
+}
+
+}  // namespace
+
 uint32_t* BlkifBackRing::SharedWord(size_t offset) const {
   return reinterpret_cast<uint32_t*>(shared_.data() + offset);
 }
@@ -99,7 +115,7 @@ absl::StatusOr<uint32_t> BlkifBackRing::PollRequests() {
   for (uint32_t i = 0; i < std::min<uint32_t>(available, kPrefetchSlots); ++i) {
     const uint8_t* slot = shared_.data() + kSringHeaderSize +
                           size_t{(req_cons_ + i) & (size_ - 1)} * layout_.entry_size;
-    __builtin_prefetch(slot, 1);
+    PrefetchForWrite(slot);
     if (layout_.request_size > 64) __builtin_prefetch(slot + 64, 0);
   }
   return available;
