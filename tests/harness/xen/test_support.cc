@@ -9,8 +9,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 
 extern char** environ;
 
@@ -150,6 +152,107 @@ absl::StatusOr<pid_t> SpawnXenHost(const std::string& binary, const std::string&
                                   banner + "\"");
   }
   return pid;
+}
+
+absl::StatusOr<std::vector<BlkfrontCompletion>> RunGuestRequests(Blkfront& front,
+                                                                 std::span<const GuestIo> ios,
+                                                                 uint32_t depth, int timeout_ms,
+                                                                 GuestIoProgress* progress) {
+  constexpr size_t kSector = 512;
+  const uint32_t queues = front.num_queues();
+  std::vector<std::vector<size_t>> by_queue(queues);
+  for (size_t i = 0; i < ios.size(); ++i) {
+    const GuestIo& io = ios[i];
+    if (io.queue >= queues) return absl::InvalidArgumentError("no such queue");
+    const size_t bytes = size_t{io.request.nr_sectors} * kSector;
+    if ((!io.write_data.empty() && io.write_data.size() != bytes) ||
+        (!io.read_data.empty() && io.read_data.size() != bytes)) {
+      return absl::InvalidArgumentError("data buffer of request " + std::to_string(i) +
+                                        " is not nr_sectors * 512 bytes");
+    }
+    by_queue[io.queue].push_back(i);
+  }
+  std::vector<size_t> next(queues, 0);
+  // Which request each slot of each queue carries.
+  std::vector<std::vector<size_t>> in_slot(queues, std::vector<size_t>(front.slots_per_queue(), 0));
+  std::vector<BlkfrontCompletion> results(ios.size());
+  std::vector<BlkfrontCompletion> reaped(std::max<uint32_t>(front.slots_per_queue(), 1));
+  size_t done = 0;
+  while (done < ios.size()) {
+    for (uint32_t q = 0; q < queues; ++q) {
+      uint64_t enqueued = 0;
+      while (next[q] < by_queue[q].size() && front.in_flight(q) < depth) {
+        std::optional<uint32_t> slot = front.AcquireSlot(q);
+        if (!slot) break;
+        const size_t index = by_queue[q][next[q]];
+        const GuestIo& io = ios[index];
+        const SlotView view = front.Slot(q, *slot);
+        const size_t offset = size_t{io.request.buffer_sector_offset} * kSector;
+        const size_t bytes = size_t{io.request.nr_sectors} * kSector;
+        const bool reads = io.request.op == BlkfrontOp::kRead;
+        if (offset + (reads || !io.write_data.empty() ? bytes : 0) > view.data.size()) {
+          front.ReleaseSlot(q, *slot);
+          return absl::InvalidArgumentError("request " + std::to_string(index) +
+                                            " is larger than a slot buffer");
+        }
+        if (!io.write_data.empty()) {
+          std::memcpy(view.data.data() + offset, io.write_data.data(), bytes);
+        }
+        if (reads && io.scrub_read_buffer) std::memset(view.data.data() + offset, 0xee, bytes);
+        if (absl::Status status = front.Enqueue(q, *slot, io.request); !status.ok()) {
+          front.ReleaseSlot(q, *slot);
+          return status;
+        }
+        in_slot[q][*slot] = index;
+        ++next[q];
+        ++enqueued;
+      }
+      if (enqueued == 0) continue;
+      if (absl::StatusOr<bool> pushed = front.Push(q); !pushed.ok()) return pushed.status();
+      if (progress) progress->pushed.fetch_add(enqueued, std::memory_order_relaxed);
+    }
+    size_t completed = 0;
+    for (uint32_t q = 0; q < queues; ++q) {
+      const size_t n = front.Reap(q, reaped);
+      for (size_t i = 0; i < n; ++i) {
+        const BlkfrontCompletion& completion = reaped[i];
+        const size_t index = in_slot[q][completion.slot];
+        const GuestIo& io = ios[index];
+        if (!io.read_data.empty()) {
+          const SlotView view = front.Slot(q, completion.slot);
+          std::memcpy(io.read_data.data(),
+                      view.data.data() + size_t{io.request.buffer_sector_offset} * kSector,
+                      io.read_data.size());
+        }
+        results[index] = completion;
+        front.ReleaseSlot(q, completion.slot);
+      }
+      completed += n;
+    }
+    done += completed;
+    if (progress) progress->completed.fetch_add(completed, std::memory_order_relaxed);
+    if (completed > 0 || done == ios.size()) continue;
+    absl::StatusOr<bool> woke = front.WaitForEvent(timeout_ms);
+    if (!woke.ok()) return woke.status();
+    if (!*woke) {
+      return absl::DeadlineExceededError("no response from the backend within " +
+                                         std::to_string(timeout_ms) + " ms (" +
+                                         std::to_string(ios.size() - done) + " outstanding)");
+    }
+  }
+  return results;
+}
+
+bool RevokeSlotGrants(const Blkfront& front, GuestDomain& guest) {
+  bool all = true;
+  for (uint32_t q = 0; q < front.num_queues(); ++q) {
+    for (uint32_t s = 0; s < front.slots_per_queue(); ++s) {
+      const SlotView view = front.Slot(q, s);
+      for (common::xen::GrantRef ref : view.data_refs) all &= guest.EndAccess(ref);
+      for (common::xen::GrantRef ref : view.indirect_refs) all &= guest.EndAccess(ref);
+    }
+  }
+  return all;
 }
 
 }  // namespace blockplane::harness

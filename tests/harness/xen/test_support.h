@@ -1,14 +1,19 @@
 #pragma once
 
-// Helpers for tests that drive the emulated Xen host: hermetic temp dirs and running the real
-// xenstore-* tools against a given xenstored socket. Test-only; not used by the daemon.
+// Helpers for tests that drive the emulated Xen host: hermetic temp dirs, running the real
+// xenstore-* tools against a given xenstored socket, starting bp-xenhost, and moving exact bytes
+// through a connected Blkfront. Test-only; not used by the daemon.
 
+#include <stdint.h>
 #include <sys/types.h>
 
+#include <atomic>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "tests/harness/xen/blkfront.h"
 
 namespace blockplane::harness {
 
@@ -42,5 +47,40 @@ CommandResult RunXenstoreTool(const std::vector<std::string>& argv,
 // printed instead.
 absl::StatusOr<pid_t> SpawnXenHost(const std::string& binary, const std::string& run_dir,
                                    const std::string& domain_spec);
+
+// One request for RunGuestRequests(). Data goes through the slot buffer the request gets:
+// `write_data` (write, barrier) is copied in before the request is enqueued, `read_data` (read)
+// is copied out after the response, whatever its status. Each, when not empty, must be
+// request.nr_sectors * 512 bytes.
+struct GuestIo {
+  uint32_t queue = 0;
+  BlkfrontRequest request{};
+  std::span<const uint8_t> write_data{};
+  std::span<uint8_t> read_data{};
+  // Reads: fill the request's part of the slot buffer with 0xee first, so that what an earlier
+  // request left in the guest's frames cannot pass for data the backend wrote. Off for tests
+  // that check that the backend left the frames alone.
+  bool scrub_read_buffer = true;
+};
+
+// Counts for a thread that watches RunGuestRequests() running on another one.
+struct GuestIoProgress {
+  std::atomic<uint64_t> pushed{0};     // requests made visible to the backend
+  std::atomic<uint64_t> completed{0};  // responses taken
+};
+
+// Runs `ios` on `front` (connected, owned by the calling thread) with at most `depth` in flight
+// per queue, each queue's requests in their order, every queue at once; pushes each queue once
+// per pass and sleeps on the event channels only when nothing completed. Returns one completion
+// per request, in request order (`slot` says which slot buffer it used). An error if a request
+// cannot be enqueued or no response arrives within `timeout_ms`; a response the Blkfront drops as
+// bogus (counters().bogus_responses) ends in that timeout.
+absl::StatusOr<std::vector<BlkfrontCompletion>> RunGuestRequests(
+    Blkfront& front, std::span<const GuestIo> ios, uint32_t depth, int timeout_ms = 20000,
+    GuestIoProgress* progress = nullptr);
+
+// After the backend has let go of the device (detached, or Closed), ends the guest's access to
+// every slot page of `front` (its persistent grant pool); false if the backend still maps one.
+bool RevokeSlotGrants(const Blkfront& front, GuestDomain& guest);
 
 }  // namespace blockplane::harness

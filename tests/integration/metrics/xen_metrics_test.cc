@@ -1,6 +1,6 @@
 // Xen ring and grant counters on the worker's /metrics, driven by a real guest protocol: the
 // emulated Xen host (bp-xenhost), blockplaned --xen-platform=emulated, and the harness' userspace
-// blkfront with blkif_guest_io issuing requests. The counters live in the stats segment: after a
+// blkfront issuing requests. The counters live in the stats segment: after a
 // kill -9 of the worker (the guest disconnected first) and a reconnect of the frontend they
 // continue from where they were. Each queue counts on its own series (label `queue`).
 #include <fcntl.h>
@@ -12,6 +12,7 @@
 
 #include <map>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -21,7 +22,7 @@
 #include "tests/harness/xen/guest_domain.h"
 #include "tests/harness/xen/test_support.h"
 #include "tests/integration/metrics/metrics_fixture.h"
-#include "tests/integration/xen/blkif_guest_io.h"
+#include "worker/xen/blkif_abi.h"
 #include "worker/xen/blkif_request.h"
 
 extern char** environ;
@@ -30,21 +31,19 @@ namespace blockplane::testing {
 namespace {
 
 using harness::Blkfront;
+using harness::BlkfrontCompletion;
+using harness::BlkfrontOp;
 using harness::BlkfrontOptions;
 using harness::GuestDomain;
-using xen_e2e::GuestQueue;
-using xen_e2e::GuestRequest;
 
 constexpr common::xen::DomainId kGuest = 5;
 constexpr uint32_t kDevid = 51712;  // xvda
-constexpr uint32_t kDataFirstFrame = 128;
-constexpr uint32_t kPages = 2;  // per request
+constexpr uint32_t kPages = 2;      // per request
 const std::string kFrontend = "/local/domain/5/device/vbd/51712";
 
 class XenMetricsTest : public ::testing::Test {
  protected:
   void TearDown() override {
-    queues_.clear();
     blkfront_.reset();
     controller_.reset();
     guest_.reset();
@@ -63,30 +62,25 @@ class XenMetricsTest : public ::testing::Test {
   }
 
   void Connect(uint32_t num_queues = 1) {
-    queues_.clear();
+    blkfront_.reset();
     BlkfrontOptions options;
     options.devid = kDevid;
     options.protocol = "x86_64-abi";
     options.persistent_grants = true;
     options.ring_page_order = 0;
     options.num_queues = num_queues;
+    options.slots_per_queue = 16;
+    options.max_request_bytes = kPages * 4096;
     options.timeout_ms = 20000;
     blkfront_ = std::make_unique<Blkfront>(guest_platform_.get(), guest_.get(), options);
     absl::Status connected = blkfront_->Connect();
     ASSERT_TRUE(connected.ok()) << connected;
     ASSERT_EQ(blkfront_->queues().size(), num_queues);
-    for (uint32_t q = 0; q < num_queues; ++q) {
-      // 16 slots of kPages data pages and an indirect page each: 48 frames per queue.
-      queues_.push_back(std::make_unique<GuestQueue>(
-          guest_.get(), &blkfront_->queues()[q], worker::xen::Protocol::kX86_64, 0,
-          blkfront_->backend_info().feature_persistent, kDataFirstFrame + q * 64, 16, kPages));
-    }
+    ASSERT_TRUE(blkfront_->persistent_grants());
   }
 
-  void DisconnectGuest() {
-    ASSERT_TRUE(blkfront_->Disconnect().ok());
-    for (auto& queue : queues_) EXPECT_TRUE(queue->RevokePersistentGrants());
-  }
+  // Fails if the backend still maps a ring page or a persistent grant after Closed.
+  void DisconnectGuest() { ASSERT_TRUE(blkfront_->Disconnect().ok()); }
 
   // Kills the worker with SIGKILL once the guest has disconnected (a killed backend cannot hand
   // its rings over) and returns the next generation's device once it waits for a frontend.
@@ -104,7 +98,6 @@ class XenMetricsTest : public ::testing::Test {
     EXPECT_TRUE(WaitFor([&] {
       return GetDevice(*controller_, id).status().state() == v1::DEVICE_STATE_WAITING_FOR_FRONTEND;
     }));
-    queues_.clear();
     blkfront_.reset();
     EXPECT_TRUE(guest_platform_->xenstore().Write(kFrontend + "/state", "1", 0).ok());
     return restarted;
@@ -113,20 +106,23 @@ class XenMetricsTest : public ::testing::Test {
   // `count` writes then `count` reads of kPages pages each on queue `queue`, from `first_sector`.
   void GuestIo(uint32_t count, uint32_t queue = 0, uint64_t first_sector = 0) {
     std::vector<uint8_t> data(size_t{kPages} * 4096 * count, 0x5a), back(data.size());
-    std::vector<GuestRequest> writes(count), reads(count);
+    std::vector<harness::GuestIo> writes(count), reads(count);
+    const std::span<uint8_t> written(data), read(back);
     for (uint32_t i = 0; i < count; ++i) {
-      writes[i] = GuestRequest{.operation = BLKIF_OP_WRITE,
-                               .sector = first_sector + uint64_t{i} * kPages * 8,
-                               .pages = kPages,
-                               .write_data = &data[size_t{i} * kPages * 4096]};
-      reads[i] = GuestRequest{.operation = BLKIF_OP_READ,
-                              .sector = first_sector + uint64_t{i} * kPages * 8,
-                              .pages = kPages,
-                              .read_data = &back[size_t{i} * kPages * 4096]};
+      const uint64_t sector = first_sector + uint64_t{i} * kPages * 8;
+      writes[i] =
+          harness::GuestIo{.queue = queue,
+                           .request = {BlkfrontOp::kWrite, sector, kPages * 8, 0, false},
+                           .write_data = written.subspan(size_t{i} * kPages * 4096, kPages * 4096)};
+      reads[i] =
+          harness::GuestIo{.queue = queue,
+                           .request = {BlkfrontOp::kRead, sector, kPages * 8, 0, false},
+                           .read_data = read.subspan(size_t{i} * kPages * 4096, kPages * 4096)};
     }
-    auto w = queues_.at(queue)->Run(writes, 8);
+    ASSERT_LT(queue, blkfront_->num_queues());
+    auto w = harness::RunGuestRequests(*blkfront_, writes, 8);
     ASSERT_TRUE(w.ok()) << w.status();
-    auto r = queues_.at(queue)->Run(reads, 8);
+    auto r = harness::RunGuestRequests(*blkfront_, reads, 8);
     ASSERT_TRUE(r.ok()) << r.status();
     for (const auto& response : *w) ASSERT_EQ(response.status, BLKIF_RSP_OKAY);
     for (const auto& response : *r) ASSERT_EQ(response.status, BLKIF_RSP_OKAY);
@@ -145,7 +141,6 @@ class XenMetricsTest : public ::testing::Test {
   std::unique_ptr<GuestDomain> guest_;
   std::unique_ptr<common::xen::XenPlatform> guest_platform_;
   std::unique_ptr<Blkfront> blkfront_;
-  std::vector<std::unique_ptr<GuestQueue>> queues_;
 };
 
 // Samples of `name` for device `id`, by their `queue` label.

@@ -1,7 +1,7 @@
 // End to end: bp-xenhost (the emulated Xen host, with guest domain 5), a real blockplaned with
 // --xen-platform=emulated whose worker runs the blkif backend, and the userspace blkfront of the
-// harness (handshake) plus blkif_guest_io (requests) acting as the guest. Data is checked byte for
-// byte against what the guest wrote and against the backing file.
+// harness acting as the guest (handshake and requests). Data is checked byte for byte against what
+// the guest wrote and against the backing file.
 
 #include <fcntl.h>
 #include <poll.h>
@@ -11,10 +11,13 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstddef>
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <random>
+#include <span>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -27,7 +30,7 @@
 #include "tests/harness/xen/guest_domain.h"
 #include "tests/harness/xen/test_support.h"
 #include "tests/integration/controller/fixture.h"
-#include "tests/integration/xen/blkif_guest_io.h"
+#include "worker/xen/blkif_abi.h"
 
 extern char** environ;
 
@@ -35,18 +38,22 @@ namespace blockplane::xen_e2e {
 namespace {
 
 using harness::Blkfront;
+using harness::BlkfrontCompletion;
+using harness::BlkfrontOp;
 using harness::BlkfrontOptions;
 using harness::GuestDomain;
+using harness::GuestIo;
+using harness::RawBlkifRequest;
 using harness::TempDir;
 using ::testing::HasSubstr;
-using worker::xen::Protocol;
 
 constexpr common::xen::DomainId kGuest = 5;
 constexpr uint32_t kDevid = 51712;  // xvda
 constexpr uint32_t kGuestPages = 8192;
 constexpr uint32_t kGuestGrants = 8192;
-constexpr uint32_t kDataFirstFrame = 128;  // frames below hold the rings
 constexpr size_t kPage = 4096;
+constexpr uint32_t kSectorsPerPage = 8;
+constexpr uint32_t kSlotPages = 32;  // the largest request: indirect, 32 segments
 constexpr uint64_t kDiskSize = 64ull << 20;
 
 std::string ReadWholeFile(const std::string& path) {
@@ -76,16 +83,9 @@ std::vector<uint8_t> ReadFileRange(const std::string& path, uint64_t offset, siz
   return out;
 }
 
-Protocol ProtocolOf(const std::string& name) {
-  if (name == "x86_32-abi") return Protocol::kX86_32;
-  if (name == "x86_64-abi") return Protocol::kX86_64;
-  return Protocol::kNative;
-}
-
 class XenBackendE2eTest : public ::testing::Test {
  protected:
   void TearDown() override {
-    queues_.clear();
     blkfront_.reset();
     controller_.reset();  // kills the workers
     guest_.reset();
@@ -177,66 +177,105 @@ class XenBackendE2eTest : public ::testing::Test {
     return 0;
   }
 
-  // The handshake up to Connected, then one GuestQueue per negotiated queue.
+  // The handshake up to Connected, with 32 request slots of 32 pages per queue.
   void ConnectFrontend(const std::string& protocol, bool persistent, uint32_t order,
                        uint32_t queues) {
+    blkfront_.reset();
     BlkfrontOptions options;
     options.devid = kDevid;
     options.protocol = protocol;
     options.persistent_grants = persistent;
     options.ring_page_order = order;
     options.num_queues = queues;
+    options.max_indirect_segments = kSlotPages;
+    options.slots_per_queue = 32;
+    options.max_request_bytes = kSlotPages * kPage;
     options.timeout_ms = 20000;
     blkfront_ = std::make_unique<Blkfront>(guest_platform_.get(), guest_.get(), options);
     absl::Status connected = blkfront_->Connect();
     ASSERT_TRUE(connected.ok()) << connected << "\n" << ReadWholeFile(controller_->log_path());
-    const uint32_t slots = 32, max_pages = 32;
-    for (size_t q = 0; q < blkfront_->queues().size(); ++q) {
-      queues_.push_back(std::make_unique<GuestQueue>(
-          guest_.get(), &blkfront_->queues()[q], ProtocolOf(protocol), 0,
-          persistent && blkfront_->backend_info().feature_persistent,
-          kDataFirstFrame + static_cast<uint32_t>(q) * slots * (max_pages + 1), slots, max_pages));
-    }
+    ASSERT_EQ(blkfront_->slots_per_queue(), 32u);
   }
 
-  // Writes `count` requests of `pages` pages at disjoint places from `first_sector`, reads them
-  // back through the guest, and compares with the pattern and with the backing file.
-  void VerifiedIo(GuestQueue& queue, uint64_t first_sector, uint32_t count, uint32_t pages,
-                  bool indirect, uint32_t seed, uint32_t depth = 16) {
-    std::vector<std::vector<uint8_t>> written(count), read(count);
-    std::vector<GuestRequest> writes(count), reads(count);
-    for (uint32_t i = 0; i < count; ++i) {
-      const uint64_t sector = first_sector + uint64_t{i} * pages * 8;
-      written[i] = Pattern(sector, pages, seed);
-      read[i].assign(written[i].size(), 0xee);
-      writes[i] = GuestRequest{.operation = BLKIF_OP_WRITE,
-                               .sector = sector,
-                               .pages = pages,
-                               .indirect = indirect,
-                               .write_data = written[i].data()};
-      reads[i] = GuestRequest{.operation = BLKIF_OP_READ,
-                              .sector = sector,
-                              .pages = pages,
-                              .indirect = indirect,
-                              .read_data = read[i].data()};
+  // `count` requests of `pages` pages on `queue` at disjoint places from `first_sector`.
+  struct Batch {
+    uint32_t queue = 0;
+    uint64_t first_sector = 0;
+    uint32_t count = 0;
+    uint32_t pages = 1;
+    uint32_t seed = 0;
+  };
+
+  // Writes every batch (all queues at once, up to `depth` in flight per queue), reads them back
+  // through the guest, and compares with the pattern and with the backing file. Requests above 11
+  // pages go out as BLKIF_OP_INDIRECT.
+  void VerifiedIo(std::span<const Batch> batches, uint32_t depth) {
+    std::vector<std::vector<uint8_t>> written, read;
+    std::vector<GuestIo> writes, reads;
+    uint64_t indirect = 0;
+    for (const Batch& batch : batches) {
+      for (uint32_t i = 0; i < batch.count; ++i) {
+        const uint64_t sector = batch.first_sector + uint64_t{i} * batch.pages * kSectorsPerPage;
+        written.push_back(Pattern(sector, batch.pages, batch.seed));
+        read.emplace_back(written.back().size(), 0xee);
+        if (batch.pages > BLKIF_MAX_SEGMENTS_PER_REQUEST) indirect += 2;
+      }
     }
-    auto w = queue.Run(writes, depth);
+    size_t n = 0;
+    for (const Batch& batch : batches) {
+      for (uint32_t i = 0; i < batch.count; ++i, ++n) {
+        const uint64_t sector = batch.first_sector + uint64_t{i} * batch.pages * kSectorsPerPage;
+        const uint32_t sectors = batch.pages * kSectorsPerPage;
+        writes.push_back(GuestIo{.queue = batch.queue,
+                                 .request = {BlkfrontOp::kWrite, sector, sectors, 0, false},
+                                 .write_data = written[n]});
+        reads.push_back(GuestIo{.queue = batch.queue,
+                                .request = {BlkfrontOp::kRead, sector, sectors, 0, false},
+                                .read_data = read[n]});
+      }
+    }
+    const uint64_t indirect_before = blkfront_->counters().indirect_requests;
+    auto w = harness::RunGuestRequests(*blkfront_, writes, depth);
     ASSERT_TRUE(w.ok()) << w.status();
-    for (const GuestResponse& r : *w) {
+    for (const BlkfrontCompletion& r : *w) {
       ASSERT_EQ(r.status, BLKIF_RSP_OKAY);
       ASSERT_EQ(r.operation, BLKIF_OP_WRITE);
     }
-    auto r = queue.Run(reads, depth);
+    auto r = harness::RunGuestRequests(*blkfront_, reads, depth);
     ASSERT_TRUE(r.ok()) << r.status();
-    for (uint32_t i = 0; i < count; ++i) {
+    for (size_t i = 0; i < reads.size(); ++i) {
       ASSERT_EQ((*r)[i].status, BLKIF_RSP_OKAY);
       ASSERT_EQ((*r)[i].operation, BLKIF_OP_READ);
       ASSERT_TRUE(read[i] == written[i]) << "guest read differs, request " << i;
-      ASSERT_TRUE(ReadFileRange(disk_path_, writes[i].sector * 512, written[i].size()) ==
+      ASSERT_TRUE(ReadFileRange(disk_path_, writes[i].request.sector * 512, written[i].size()) ==
                   written[i])
           << "backing file differs, request " << i;
     }
-    EXPECT_EQ(queue.grants_still_mapped(), 0u);
+    EXPECT_EQ(blkfront_->counters().indirect_requests - indirect_before, indirect);
+    EXPECT_EQ(blkfront_->counters().grants_still_mapped, 0u);
+    EXPECT_EQ(blkfront_->counters().bogus_responses, 0u);
+  }
+  void VerifiedIo(uint32_t queue, uint64_t first_sector, uint32_t count, uint32_t pages,
+                  uint32_t seed, uint32_t depth = 16) {
+    const Batch batch{queue, first_sector, count, pages, seed};
+    VerifiedIo(std::span<const Batch>(&batch, 1), depth);
+  }
+
+  // Sends one raw (hostile) request in `slot` of `queue`, which stays acquired, and waits for its
+  // response. A response whose id is not the request's is dropped by the Blkfront (counted as
+  // bogus) and ends here in a failure.
+  BlkfrontCompletion RawRoundTrip(uint32_t queue, uint32_t slot, const RawBlkifRequest& request) {
+    absl::Status enqueued = blkfront_->EnqueueRaw(queue, slot, request);
+    EXPECT_TRUE(enqueued.ok()) << enqueued;
+    EXPECT_TRUE(blkfront_->Push(queue).ok());
+    BlkfrontCompletion completion[1];
+    for (;;) {
+      if (blkfront_->Reap(queue, completion) == 1) return completion[0];
+      absl::StatusOr<bool> woke = blkfront_->WaitForEvent(20000);
+      if (!woke.ok() || !*woke) break;
+    }
+    ADD_FAILURE() << "no response";
+    return {};
   }
 
   absl::Status Detach() {
@@ -266,7 +305,6 @@ class XenBackendE2eTest : public ::testing::Test {
   std::unique_ptr<common::xen::XenPlatform> dom0_;
   std::string disk_path_;
   std::unique_ptr<Blkfront> blkfront_;
-  std::vector<std::unique_ptr<GuestQueue>> queues_;
 };
 
 // Stops and joins a load thread also when an ASSERT leaves the test early.
@@ -340,24 +378,21 @@ TEST_P(XenBackendAbiTest, HandshakeVerifiedIoAndDetach) {
             params.persistent && !params.grant_copy);
   EXPECT_EQ(Xenstore({"xenstore-read", kBackend + "/state"}), "4\n");
 
-  GuestQueue& queue = *queues_[0];
-  VerifiedIo(queue, 0, 24, 1, false, 1);      // one page
-  VerifiedIo(queue, 4096, 16, 11, false, 2);  // a full direct request
-  VerifiedIo(queue, 8192, 12, 32, true, 3);   // indirect, 32 segments
-  VerifiedIo(queue, 0, 24, 1, false, 4);      // rewrite (persistent hits)
+  VerifiedIo(0, 0, 24, 1, 1);      // one page
+  VerifiedIo(0, 4096, 16, 11, 2);  // a full direct request
+  VerifiedIo(0, 8192, 12, 32, 3);  // indirect, 32 segments
+  VerifiedIo(0, 0, 24, 1, 4);      // rewrite (persistent hits)
   if (HasFatalFailure()) return;
 
   // Flush (no data) and a barrier write.
   std::vector<uint8_t> barrier_data = Pattern(30000, 2, 9);
-  std::vector<GuestRequest> more = {
-      GuestRequest{.operation = BLKIF_OP_FLUSH_DISKCACHE, .pages = 0},
-      GuestRequest{.operation = BLKIF_OP_WRITE_BARRIER,
-                   .sector = 30000,
-                   .pages = 2,
-                   .write_data = barrier_data.data()},
+  std::vector<GuestIo> more = {
+      GuestIo{.request = {BlkfrontOp::kFlush, 0, 0, 0, false}},
+      GuestIo{.request = {BlkfrontOp::kBarrier, 30000, 2 * kSectorsPerPage, 0, false},
+              .write_data = barrier_data},
       // Discard was not advertised (discard=ignore): EOPNOTSUPP.
-      GuestRequest{.operation = BLKIF_OP_DISCARD, .sector = 0, .discard_sectors = 8}};
-  auto result = queue.Run(more, 4);
+      GuestIo{.request = {BlkfrontOp::kDiscard, 0, 8, 0, false}}};
+  auto result = harness::RunGuestRequests(*blkfront_, more, 4);
   ASSERT_TRUE(result.ok()) << result.status();
   EXPECT_EQ((*result)[0].status, BLKIF_RSP_OKAY);
   EXPECT_EQ((*result)[0].operation, BLKIF_OP_FLUSH_DISKCACHE);
@@ -381,7 +416,7 @@ TEST_P(XenBackendAbiTest, HandshakeVerifiedIoAndDetach) {
   for (common::xen::GrantRef ref : blkfront_->queues()[0].ring_refs) {
     EXPECT_TRUE(guest_->EndAccess(ref)) << "ring grant " << ref << " still mapped";
   }
-  EXPECT_TRUE(queue.RevokePersistentGrants());
+  EXPECT_TRUE(harness::RevokeSlotGrants(*blkfront_, *guest_));
   // The toolstack's directories are gone.
   EXPECT_FALSE(dom0_->xenstore().Read(kBackend + "/state", 0).ok());
   EXPECT_FALSE(dom0_->xenstore().Read(kFrontend + "/state", 0).ok());
@@ -410,21 +445,20 @@ TEST_F(XenBackendE2eTest, FourQueuesMultiPageRingsIndirect) {
   ASSERT_TRUE(Attach(Spec(4, 2, true)).ok());
   ConnectFrontend("x86_64-abi", true, 2, 4);
   if (HasFatalFailure()) return;
-  ASSERT_EQ(queues_.size(), 4u);
+  ASSERT_EQ(blkfront_->num_queues(), 4u);
   EXPECT_EQ(blkfront_->ring_page_order(), 2u);
-  EXPECT_EQ(queues_[0]->ring_size(), 128u);
+  EXPECT_EQ(blkfront_->ring_size(), 128u);
   EXPECT_EQ(Xenstore({"xenstore-read", kFrontend + "/multi-queue-num-queues"}), "4\n");
-  std::vector<std::thread> threads;
-  std::atomic<int> failures{0};
+  // Every queue has its requests in flight at the same time (one thread drives all four rings).
+  std::vector<Batch> indirect, small;
   for (uint32_t q = 0; q < 4; ++q) {
-    threads.emplace_back([&, q] {
-      VerifiedIo(*queues_[q], 20000 * uint64_t{q}, 16, 32, true, 10 + q, 32);
-      VerifiedIo(*queues_[q], 20000 * uint64_t{q} + 8192, 64, 2, false, 20 + q, 64);
-      if (::testing::Test::HasFailure()) failures.fetch_add(1);
-    });
+    indirect.push_back(Batch{q, 20000 * uint64_t{q}, 16, 32, 10 + q});
+    small.push_back(Batch{q, 20000 * uint64_t{q} + 8192, 64, 2, 20 + q});
   }
-  for (std::thread& t : threads) t.join();
-  EXPECT_EQ(failures.load(), 0);
+  VerifiedIo(indirect, 32);
+  if (HasFatalFailure()) return;
+  VerifiedIo(small, 32);
+  if (HasFatalFailure()) return;
   EXPECT_EQ(GetDevice().status().frontend().num_queues(), 4u);
 }
 
@@ -436,7 +470,14 @@ TEST_F(XenBackendE2eTest, DrainDuringLoadThenResume) {
   ASSERT_TRUE(Attach(Spec(1, 0, true)).ok());
   ConnectFrontend("x86_64-abi", true, 0, 1);
   if (HasFatalFailure()) return;
-  GuestQueue& queue = *queues_[0];
+  // The load thread owns the Blkfront until it is joined; this thread only looks at the shared
+  // ring's indexes and at the counts of the load.
+  harness::GuestIoProgress progress;
+  std::byte* ring = blkfront_->queues()[0].ring;
+  auto shared_word = [ring](size_t offset) {
+    return std::atomic_ref<uint32_t>(*reinterpret_cast<uint32_t*>(ring + offset))
+        .load(std::memory_order_acquire);
+  };
 
   std::atomic<bool> stop{false};
   std::atomic<int> errors{0};
@@ -447,22 +488,20 @@ TEST_F(XenBackendE2eTest, DrainDuringLoadThenResume) {
     while (!stop.load()) {
       const uint32_t seed = static_cast<uint32_t>(round.load());
       std::vector<std::vector<uint8_t>> data;
-      std::vector<GuestRequest> writes;
+      std::vector<GuestIo> writes;
       for (uint32_t i = 0; i < 16; ++i) {
         data.push_back(Pattern(i * 16, 2, seed));
       }
       for (uint32_t i = 0; i < 16; ++i) {
-        writes.push_back(GuestRequest{.operation = BLKIF_OP_WRITE,
-                                      .sector = i * 16,
-                                      .pages = 2,
-                                      .write_data = data[i].data()});
+        writes.push_back(
+            GuestIo{.request = {BlkfrontOp::kWrite, i * 16, 16, 0, false}, .write_data = data[i]});
       }
-      auto result = queue.Run(writes, 16);
+      auto result = harness::RunGuestRequests(*blkfront_, writes, 16, 20000, &progress);
       if (!result.ok()) {
         errors.fetch_add(1);
         return;
       }
-      for (const GuestResponse& r : *result) {
+      for (const BlkfrontCompletion& r : *result) {
         if (r.status != BLKIF_RSP_OKAY) errors.fetch_add(1);
       }
       round.fetch_add(1);
@@ -480,8 +519,13 @@ TEST_F(XenBackendE2eTest, DrainDuringLoadThenResume) {
   // The guest has requests on the ring (left over or its next batch); the backend has taken them
   // all (the ring says so: req_event == req_prod + 1) but the block layer holds them.
   ASSERT_TRUE(testing::WaitFor(
-      [&] { return queue.pushed() > queue.completed() && queue.BackendIdle(); }, 20000));
-  const uint64_t completed_while_drained = queue.completed();
+      [&] {
+        return progress.pushed.load() > progress.completed.load() &&
+               shared_word(offsetof(blkif_sring, req_event)) ==
+                   shared_word(offsetof(blkif_sring, req_prod)) + 1;
+      },
+      20000));
+  const uint64_t completed_while_drained = progress.completed.load();
   const v1::DeviceStats while_drained = GetStats();
   EXPECT_EQ(Ops(while_drained, "write"), Ops(at_drain, "write"));
   EXPECT_EQ(Ops(while_drained, "read"), Ops(at_drain, "read"));
@@ -493,8 +537,8 @@ TEST_F(XenBackendE2eTest, DrainDuringLoadThenResume) {
   v1::Device resumed;
   ASSERT_TRUE(controller_->stub().ResumeDevice(&resume_context, resume, &resumed).ok());
   EXPECT_EQ(resumed.status().state(), v1::DEVICE_STATE_CONNECTED);
-  ASSERT_TRUE(
-      testing::WaitFor([&] { return queue.completed() > completed_while_drained + 16; }, 20000));
+  ASSERT_TRUE(testing::WaitFor(
+      [&] { return progress.completed.load() > completed_while_drained + 16; }, 20000));
   guard.Join();
   EXPECT_EQ(errors.load(), 0);
   EXPECT_GT(Ops(GetStats(), "write"), Ops(at_drain, "write"));
@@ -515,7 +559,8 @@ TEST_F(XenBackendE2eTest, ResizeDuringLoad) {
   ASSERT_TRUE(Attach(Spec(2, 0, true)).ok());
   ConnectFrontend("x86_64-abi", true, 0, 2);
   if (HasFatalFailure()) return;
-  ASSERT_EQ(queues_.size(), 2u);
+  ASSERT_EQ(blkfront_->num_queues(), 2u);
+  // The load thread owns the Blkfront until it is joined.
   std::atomic<bool> stop{false};
   std::atomic<int> failures{0};
   std::thread load;
@@ -523,7 +568,7 @@ TEST_F(XenBackendE2eTest, ResizeDuringLoad) {
   load = std::thread([&] {
     uint32_t seed = 100;
     while (!stop.load()) {
-      VerifiedIo(*queues_[0], 0, 8, 4, false, seed++, 8);
+      VerifiedIo(0, 0, 8, 4, seed++, 8);
       if (::testing::Test::HasFailure()) {
         failures.fetch_add(1);
         return;
@@ -546,12 +591,12 @@ TEST_F(XenBackendE2eTest, ResizeDuringLoad) {
   EXPECT_EQ(guest_platform_->xenstore().Read(kBackend + "/state", 0).value_or(""), "4");
   guard.Join();
   EXPECT_EQ(failures.load(), 0);
-  // Beyond the old end, on the other queue.
-  VerifiedIo(*queues_[1], kDiskSize / 512, 4, 8, true, 7);
+  // Beyond the old end, on the other queue, indirect (12 pages).
+  VerifiedIo(1, kDiskSize / 512, 4, 12, 7);
   // And the end of the new size is the end.
-  std::vector<GuestRequest> past = {GuestRequest{
-      .operation = BLKIF_OP_READ, .sector = kNewSize / 512, .pages = 1, .read_data = nullptr}};
-  auto result = queues_[1]->Run(past, 1);
+  std::vector<GuestIo> past = {
+      GuestIo{.queue = 1, .request = {BlkfrontOp::kRead, kNewSize / 512, 8, 0, false}}};
+  auto result = harness::RunGuestRequests(*blkfront_, past, 1);
   ASSERT_TRUE(result.ok()) << result.status();
   EXPECT_EQ((*result)[0].status, BLKIF_RSP_ERROR);
 }
@@ -564,78 +609,75 @@ TEST_F(XenBackendE2eTest, HostileRequestsAndBrokenRing) {
   ASSERT_TRUE(Attach(Spec(2, 0, false)).ok());
   ConnectFrontend("x86_64-abi", false, 0, 2);
   if (HasFatalFailure()) return;
-  ASSERT_EQ(queues_.size(), 2u);
+  ASSERT_EQ(blkfront_->num_queues(), 2u);
   const int32_t worker_pid = GetDevice().status().worker_pid();
   ASSERT_GT(worker_pid, 0);
 
-  // A good page to point segments at.
-  const uint32_t good_frame = kGuestPages - 1;
-  ASSERT_TRUE(guest_->GrantAccess(good_frame, 0, good_frame, false).ok());
+  // One slot for every case; without persistent grants EnqueueRaw grants its pages for each
+  // request (data read-write, indirect read-only): a good page to point segments at.
+  std::optional<uint32_t> slot = blkfront_->AcquireSlot(0);
+  ASSERT_TRUE(slot);
+  const harness::SlotView view = blkfront_->Slot(0, *slot);
+  ASSERT_FALSE(view.data_refs.empty());
+  ASSERT_FALSE(view.indirect_refs.empty());
+  const common::xen::GrantRef good = view.data_refs[0];
+  const std::optional<common::xen::GrantRef> ungranted = blkfront_->UnusedGrantRef();
+  ASSERT_TRUE(ungranted);
   auto rw = [&](uint8_t op, uint8_t nr, uint64_t sector, uint8_t first, uint8_t last,
-                uint32_t gref) {
-    worker::xen::blkif_x86_64_request r{};
+                common::xen::GrantRef gref) {
+    RawBlkifRequest r;
     r.operation = op;
     r.nr_segments = nr;
-    r.id = 0xabc0 + op;
     r.sector_number = sector;
-    for (int i = 0; i < BLKIF_MAX_SEGMENTS_PER_REQUEST; ++i) {
-      r.seg[i] = blkif_request_segment{gref, first, last};
-    }
-    std::vector<uint8_t> bytes(sizeof(r));
-    std::memcpy(bytes.data(), &r, sizeof(r));
-    return bytes;
+    for (blkif_request_segment& seg : r.seg) seg = blkif_request_segment{gref, first, last};
+    return r;
   };
   struct Case {
     const char* what;
-    std::vector<uint8_t> bytes;
+    RawBlkifRequest request;
     int16_t status;
   };
-  worker::xen::blkif_x86_64_request_indirect too_many{};
+  RawBlkifRequest too_many;
   too_many.operation = BLKIF_OP_INDIRECT;
   too_many.indirect_op = BLKIF_OP_READ;
-  too_many.nr_segments = 1000;
-  too_many.id = 77;
-  too_many.indirect_grefs[0] = good_frame;
-  std::vector<uint8_t> too_many_bytes(sizeof(too_many));
-  std::memcpy(too_many_bytes.data(), &too_many, sizeof(too_many));
-  worker::xen::blkif_x86_64_request_discard discard{};
+  too_many.indirect_nr_segments = 1000;
+  too_many.indirect_grefs[0] = view.indirect_refs[0];
+  RawBlkifRequest discard;
   discard.operation = BLKIF_OP_DISCARD;
-  discard.id = 78;
-  discard.nr_sectors = 8;
-  std::vector<uint8_t> discard_bytes(sizeof(discard));
-  std::memcpy(discard_bytes.data(), &discard, sizeof(discard));
+  discard.discard_nr_sectors = 8;
   const uint64_t sectors = kDiskSize / 512;
   std::vector<Case> cases = {
-      {"unknown operation", rw(99, 1, 0, 0, 7, good_frame), BLKIF_RSP_EOPNOTSUPP},
-      {"no segments", rw(BLKIF_OP_READ, 0, 0, 0, 7, good_frame), BLKIF_RSP_ERROR},
-      {"12 segments", rw(BLKIF_OP_READ, 12, 0, 0, 7, good_frame), BLKIF_RSP_ERROR},
-      {"first > last", rw(BLKIF_OP_READ, 1, 0, 3, 2, good_frame), BLKIF_RSP_ERROR},
-      {"last_sect 8", rw(BLKIF_OP_WRITE, 1, 0, 0, 8, good_frame), BLKIF_RSP_ERROR},
-      {"beyond the disk", rw(BLKIF_OP_READ, 1, sectors - 4, 0, 7, good_frame), BLKIF_RSP_ERROR},
-      {"sector overflow", rw(BLKIF_OP_READ, 1, ~0ull - 2, 0, 7, good_frame), BLKIF_RSP_ERROR},
-      {"ungranted page", rw(BLKIF_OP_WRITE, 1, 0, 0, 7, kGuestGrants - 2), BLKIF_RSP_ERROR},
+      {"unknown operation", rw(99, 1, 0, 0, 7, good), BLKIF_RSP_EOPNOTSUPP},
+      {"no segments", rw(BLKIF_OP_READ, 0, 0, 0, 7, good), BLKIF_RSP_ERROR},
+      {"12 segments", rw(BLKIF_OP_READ, 12, 0, 0, 7, good), BLKIF_RSP_ERROR},
+      {"first > last", rw(BLKIF_OP_READ, 1, 0, 3, 2, good), BLKIF_RSP_ERROR},
+      {"last_sect 8", rw(BLKIF_OP_WRITE, 1, 0, 0, 8, good), BLKIF_RSP_ERROR},
+      {"beyond the disk", rw(BLKIF_OP_READ, 1, sectors - 4, 0, 7, good), BLKIF_RSP_ERROR},
+      {"sector overflow", rw(BLKIF_OP_READ, 1, ~0ull - 2, 0, 7, good), BLKIF_RSP_ERROR},
+      {"ungranted page", rw(BLKIF_OP_WRITE, 1, 0, 0, 7, *ungranted), BLKIF_RSP_ERROR},
       {"grant out of range", rw(BLKIF_OP_READ, 1, 0, 0, 7, 0xfffffff0u), BLKIF_RSP_ERROR},
-      {"indirect above the advertised", too_many_bytes, BLKIF_RSP_ERROR},
-      {"discard not advertised", discard_bytes, BLKIF_RSP_EOPNOTSUPP},
+      {"indirect above the advertised", too_many, BLKIF_RSP_ERROR},
+      {"discard not advertised", discard, BLKIF_RSP_EOPNOTSUPP},
   };
   for (const Case& c : cases) {
-    auto response = queues_[0]->RunRaw(c.bytes);
-    ASSERT_TRUE(response.ok()) << c.what << ": " << response.status();
-    EXPECT_EQ(response->status, c.status) << c.what;
-    uint64_t id = 0;
-    std::memcpy(&id, c.bytes.data() + 8, 8);
-    EXPECT_EQ(response->id, id) << c.what;
+    // The Blkfront only hands out a response whose id is the request's (slot in the low bits).
+    const BlkfrontCompletion response = RawRoundTrip(0, *slot, c.request);
+    EXPECT_EQ(response.status, c.status) << c.what;
+    EXPECT_EQ(response.slot, *slot) << c.what;
   }
+  blkfront_->ReleaseSlot(0, *slot);
+  EXPECT_EQ(blkfront_->counters().bogus_responses, 0u);
+  EXPECT_EQ(blkfront_->counters().grants_still_mapped, 0u);
   // Good requests still complete on the same queue.
-  VerifiedIo(*queues_[0], 0, 8, 3, false, 5);
+  VerifiedIo(0, 0, 8, 3, 5);
 
   // Queue 1: req_prod a whole ring ahead of what was answered.
-  queues_[1]->PublishBogusReqProd(queues_[1]->ring_size() + 5);
+  ASSERT_TRUE(blkfront_->BreakRing(1, blkfront_->ring_size() + 5).ok());
   ASSERT_TRUE(testing::WaitFor([&] {
     return ReadWholeFile(controller_->log_path()).find("queue 1 stopped") != std::string::npos;
   }));
   // Queue 0, the worker and the control channel carry on.
-  VerifiedIo(*queues_[0], 1000, 8, 2, false, 6);
+  VerifiedIo(0, 1000, 8, 2, 6);
   v1::Device device = GetDevice();
   EXPECT_EQ(device.status().worker_pid(), worker_pid);
   EXPECT_EQ(device.status().state(), v1::DEVICE_STATE_CONNECTED);
@@ -651,17 +693,16 @@ TEST_F(XenBackendE2eTest, FrontendReconnects) {
   ASSERT_TRUE(Attach(Spec(1, 1, true)).ok());
   ConnectFrontend("x86_64-abi", true, 1, 1);
   if (HasFatalFailure()) return;
-  VerifiedIo(*queues_[0], 0, 8, 4, false, 1);
-  ASSERT_TRUE(blkfront_->Disconnect().ok());  // fails if the backend still maps the ring
-  EXPECT_TRUE(queues_[0]->RevokePersistentGrants());
+  VerifiedIo(0, 0, 8, 4, 1);
+  // Fails if the backend still maps the ring or a persistent grant after Closed.
+  ASSERT_TRUE(blkfront_->Disconnect().ok());
   ASSERT_TRUE(testing::WaitFor(
       [&] { return GetDevice().status().state() == v1::DEVICE_STATE_WAITING_FOR_FRONTEND; }));
-  queues_.clear();
   // A new frontend instance: Initialising, and the backend offers InitWait again.
   ASSERT_TRUE(guest_platform_->xenstore().Write(kFrontend + "/state", "1", 0).ok());
   ConnectFrontend("x86_32-abi", true, 1, 1);
   if (HasFatalFailure()) return;
-  VerifiedIo(*queues_[0], 0, 8, 4, false, 2);
+  VerifiedIo(0, 0, 8, 4, 2);
   ASSERT_TRUE(
       testing::WaitFor([&] { return GetDevice().status().state() == v1::DEVICE_STATE_CONNECTED; }));
 }
@@ -675,9 +716,9 @@ TEST_F(XenBackendE2eTest, PersistentGrantCacheEvictsLeastRecentlyUsed) {
   ASSERT_TRUE(Attach(Spec(1, 0, true)).ok());
   ConnectFrontend("x86_64-abi", true, 0, 1);
   if (HasFatalFailure()) return;
-  VerifiedIo(*queues_[0], 0, 32, 4, false, 1, 32);   // 128 pages in flight, cap 16
-  VerifiedIo(*queues_[0], 0, 32, 1, false, 2, 4);    // small working set: hits
-  VerifiedIo(*queues_[0], 4096, 8, 20, true, 3, 8);  // indirect, above the cap per request
+  VerifiedIo(0, 0, 32, 4, 1, 32);    // 128 pages in flight, cap 16
+  VerifiedIo(0, 0, 32, 1, 2, 4);     // small working set: hits
+  VerifiedIo(0, 4096, 8, 20, 3, 8);  // indirect, above the cap per request
   if (HasFatalFailure()) return;
   ASSERT_TRUE(Detach().ok());
   const std::string log = ReadWholeFile(controller_->log_path());
@@ -686,7 +727,7 @@ TEST_F(XenBackendE2eTest, PersistentGrantCacheEvictsLeastRecentlyUsed) {
   EXPECT_THAT(log, HasSubstr("worker exited with status 0"));
   EXPECT_THAT(log, ::testing::Not(HasSubstr(" 0 persistent evictions")));
   EXPECT_THAT(log, HasSubstr(" persistent evictions"));
-  EXPECT_TRUE(queues_[0]->RevokePersistentGrants());
+  EXPECT_TRUE(harness::RevokeSlotGrants(*blkfront_, *guest_));
 }
 
 // --xen-platform=host on a machine without Xen: attach says what is missing.

@@ -1,6 +1,6 @@
 // A device with a null backend (spec.backend.null) end to end: attached with bpctl through a real
 // blockplaned --xen-platform=emulated, served by a real worker's blkif backend over NullBackend,
-// driven by the userspace blkfront of the harness (exact bytes through GuestQueue) and by the
+// driven by the userspace blkfront of the harness (exact bytes through its slots) and by the
 // bp-blkfront program (a workload, as the benchmark runs it).
 
 #include <signal.h>
@@ -9,6 +9,7 @@
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <span>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -20,12 +21,14 @@
 #include "tests/harness/xen/guest_domain.h"
 #include "tests/harness/xen/test_support.h"
 #include "tests/integration/controller/fixture.h"
-#include "tests/integration/xen/blkif_guest_io.h"
+#include "worker/xen/blkif_abi.h"
 
 namespace blockplane::xen_e2e {
 namespace {
 
 using harness::Blkfront;
+using harness::BlkfrontCompletion;
+using harness::BlkfrontOp;
 using harness::BlkfrontOptions;
 using harness::GuestDomain;
 using harness::TempDir;
@@ -35,8 +38,8 @@ using ::testing::Not;
 constexpr common::xen::DomainId kGuest = 5;
 constexpr uint32_t kDevid = 51712;  // xvda
 constexpr uint32_t kGuestPages = 8192;
-constexpr uint32_t kDataFirstFrame = 128;  // frames below hold the rings
 constexpr size_t kPage = 4096;
+constexpr uint32_t kSectorsPerPage = 8;
 constexpr uint64_t kSize = 64ull << 20;
 
 std::string ReadWholeFile(const std::string& path) {
@@ -66,7 +69,6 @@ class NullBackendTest : public ::testing::Test {
   }
 
   void TearDown() override {
-    queue_.reset();
     blkfront_.reset();
     controller_.reset();  // kills the workers
     guest_.reset();
@@ -116,41 +118,43 @@ class NullBackendTest : public ::testing::Test {
     options.protocol = "x86_64-abi";
     options.persistent_grants = true;
     options.num_queues = 1;
+    options.max_indirect_segments = 16;
+    options.slots_per_queue = 4;
+    options.max_request_bytes = 16 * kPage;
     options.timeout_ms = 20000;
     blkfront_ = std::make_unique<Blkfront>(guest_platform_.get(), guest_.get(), options);
     absl::Status connected = blkfront_->Connect();
     ASSERT_TRUE(connected.ok()) << connected << "\n" << ReadWholeFile(controller_->log_path());
-    queue_ = std::make_unique<GuestQueue>(guest_.get(), &blkfront_->queues()[0],
-                                          worker::xen::Protocol::kX86_64, 0,
-                                          blkfront_->backend_info().feature_persistent,
-                                          kDataFirstFrame, /*slots=*/4, /*max_pages=*/16);
   }
 
-  // One request at a time, so every request uses the same guest frames (slot 0): a read then
-  // finds in them what the write before it left there, unless the backend wrote to them.
-  GuestResponse RunOne(GuestRequest request) {
-    auto done = queue_->Run(std::span<GuestRequest>(&request, 1), 1);
+  // One request at a time, so every request uses the same slot (the free slot given back last is
+  // taken first, and the returned completion says which): a read then finds in the slot's guest
+  // frames what the write before it left there, unless the backend wrote to them.
+  BlkfrontCompletion RunOne(const harness::GuestIo& io) {
+    auto done = harness::RunGuestRequests(*blkfront_, std::span<const harness::GuestIo>(&io, 1), 1);
     EXPECT_TRUE(done.ok()) << done.status();
-    return done.ok() ? (*done)[0] : GuestResponse{};
+    return done.ok() ? (*done)[0] : BlkfrontCompletion{.status = BLKIF_RSP_ERROR};
   }
 
-  // Writes a non-zero pattern at `sector`, then reads it back into the same guest frames.
-  std::vector<uint8_t> WriteThenRead(uint64_t sector, uint32_t pages, bool indirect) {
+  // Writes a non-zero pattern at `sector`, then reads it back into the same guest frames (not
+  // scrubbed first). Requests above 11 pages go out as BLKIF_OP_INDIRECT.
+  std::vector<uint8_t> WriteThenRead(uint64_t sector, uint32_t pages) {
     std::vector<uint8_t> pattern(pages * kPage);
     for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = static_cast<uint8_t>(0x5a ^ i);
-    GuestResponse w = RunOne({.operation = BLKIF_OP_WRITE,
-                              .sector = sector,
-                              .pages = pages,
-                              .indirect = indirect,
-                              .write_data = pattern.data()});
+    const uint64_t indirect_before = blkfront_->counters().indirect_requests;
+    BlkfrontCompletion w =
+        RunOne({.request = {BlkfrontOp::kWrite, sector, pages * kSectorsPerPage, 0, false},
+                .write_data = pattern});
     EXPECT_EQ(w.status, BLKIF_RSP_OKAY);
     std::vector<uint8_t> read(pages * kPage, 0xee);
-    GuestResponse r = RunOne({.operation = BLKIF_OP_READ,
-                              .sector = sector,
-                              .pages = pages,
-                              .indirect = indirect,
-                              .read_data = read.data()});
+    BlkfrontCompletion r =
+        RunOne({.request = {BlkfrontOp::kRead, sector, pages * kSectorsPerPage, 0, false},
+                .read_data = read,
+                .scrub_read_buffer = false});
     EXPECT_EQ(r.status, BLKIF_RSP_OKAY);
+    EXPECT_EQ(r.slot, w.slot) << "the read must use the frames the write filled";
+    EXPECT_EQ(blkfront_->counters().indirect_requests - indirect_before,
+              pages > BLKIF_MAX_SEGMENTS_PER_REQUEST ? 2u : 0u);
     // The pattern the write left in the frames, for comparison.
     written_ = std::move(pattern);
     return read;
@@ -162,7 +166,6 @@ class NullBackendTest : public ::testing::Test {
   std::unique_ptr<GuestDomain> guest_;
   std::unique_ptr<common::xen::XenPlatform> guest_platform_;
   std::unique_ptr<Blkfront> blkfront_;
-  std::unique_ptr<GuestQueue> queue_;
   std::vector<uint8_t> written_;
 };
 
@@ -180,24 +183,25 @@ TEST_F(NullBackendTest, ReadZeroesDeviceReadsZeroesAndDropsWrites) {
 
   const std::vector<uint8_t> zeroes(16 * kPage, 0);
   // Direct segments, then an indirect request of 16 pages; both at the start and the last page.
-  std::vector<uint8_t> read = WriteThenRead(0, 1, false);
+  std::vector<uint8_t> read = WriteThenRead(0, 1);
   EXPECT_TRUE(std::equal(read.begin(), read.end(), zeroes.begin())) << "one page at sector 0";
-  read = WriteThenRead(kSize / 512 - 8, 1, false);
+  read = WriteThenRead(kSize / 512 - 8, 1);
   EXPECT_TRUE(std::equal(read.begin(), read.end(), zeroes.begin())) << "last page";
-  read = WriteThenRead(1024, 16, true);
+  read = WriteThenRead(1024, 16);
   EXPECT_TRUE(std::equal(read.begin(), read.end(), zeroes.begin())) << "indirect, 16 pages";
 
   // Past the end is refused, like any device's.
   std::vector<uint8_t> buffer(kPage);
-  EXPECT_EQ(RunOne({.operation = BLKIF_OP_READ, .sector = kSize / 512, .read_data = buffer.data()})
+  EXPECT_EQ(RunOne({.request = {BlkfrontOp::kRead, kSize / 512, kSectorsPerPage, 0, false},
+                    .read_data = buffer})
                 .status,
             BLKIF_RSP_ERROR);
   // Flushes complete.
-  EXPECT_EQ(RunOne({.operation = BLKIF_OP_FLUSH_DISKCACHE, .pages = 0}).status, BLKIF_RSP_OKAY);
+  EXPECT_EQ(RunOne({.request = {BlkfrontOp::kFlush, 0, 0, 0, false}}).status, BLKIF_RSP_OKAY);
   EXPECT_EQ(Ops("read"), 3u);
   EXPECT_EQ(Ops("write"), 3u);
   EXPECT_EQ(Ops("flush"), 1u);
-  EXPECT_EQ(queue_->grants_still_mapped(), 0u);
+  EXPECT_EQ(blkfront_->counters().grants_still_mapped, 0u);
 }
 
 TEST_F(NullBackendTest, WithoutReadZeroesBuffersAreLeftUntouched) {
@@ -207,9 +211,9 @@ TEST_F(NullBackendTest, WithoutReadZeroesBuffersAreLeftUntouched) {
   ConnectFrontend();
   if (HasFatalFailure()) return;
   // The read completes OKAY and the guest frames still hold what the write put there.
-  std::vector<uint8_t> read = WriteThenRead(64, 2, false);
+  std::vector<uint8_t> read = WriteThenRead(64, 2);
   EXPECT_TRUE(read == written_);
-  read = WriteThenRead(4096, 16, true);
+  read = WriteThenRead(4096, 16);
   EXPECT_TRUE(read == written_);
 }
 
@@ -224,7 +228,7 @@ TEST_F(NullBackendTest, ResizeGrowsAndShrinksTheNullDevice) {
   if (HasFatalFailure()) return;
   EXPECT_EQ(blkfront_->backend_info().sectors, 2 * kSize / 512);
   // Beyond the old end works now.
-  std::vector<uint8_t> read = WriteThenRead(kSize / 512 + 8, 1, false);
+  std::vector<uint8_t> read = WriteThenRead(kSize / 512 + 8, 1);
   EXPECT_TRUE(std::all_of(read.begin(), read.end(), [](uint8_t b) { return b == 0; }));
   // Shrinking below what the guest wrote is refused; to above it, with allow_shrink, works, and
   // growing again after a shrink works too (the null backend keeps no data).
@@ -239,7 +243,7 @@ TEST_F(NullBackendTest, ResizeGrowsAndShrinksTheNullDevice) {
       controller_->Bpctl({"resize", "xd0", "--size", std::to_string(kSize + (2 << 20))});
   ASSERT_EQ(regrown.exit_code, 0) << regrown.out << regrown.err;
   EXPECT_EQ(GetDevice().status().size_bytes(), kSize + (2 << 20));
-  read = WriteThenRead(kSize / 512 + 2048 + 8, 1, false);  // in the last MiB
+  read = WriteThenRead(kSize / 512 + 2048 + 8, 1);  // in the last MiB
   EXPECT_TRUE(std::all_of(read.begin(), read.end(), [](uint8_t b) { return b == 0; }));
 }
 
