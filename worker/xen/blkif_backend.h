@@ -102,8 +102,12 @@ struct BlkifBackendOptions {
   // Persistent grants kept mapped per queue (blkback's max_persistent_grants default: 1056).
   uint32_t max_persistent_grants = 1056;
   GrantMode grant_mode = GrantMode::kMap;
-  // Requests taken from one queue per loop pass before yielding to the rest of the loop.
-  uint32_t max_requests_per_pass = 64;
+  // Requests taken from one queue per loop pass before yielding to the rest of the loop. Half a
+  // one-page ring: a full ring is answered in two halves, so the frontend refills the first
+  // while the second is in the backend, instead of both sides taking turns on the whole ring
+  // (polled null QD32 on two CPUs: 16 beat 64 in 5 of 6 interleaved runs, ~+20%, and 8 in 6 of 6;
+  // no difference with notifications).
+  uint32_t max_requests_per_pass = 16;
   // Polling: after a queue's last request, look at its ring again on every loop pass for this
   // long before asking the frontend for a kick (req_event). While a queue polls, a frontend that
   // honours notification suppression sends no event, and the loop does not sleep. 0: no polling,
