@@ -154,6 +154,41 @@ absl::StatusOr<pid_t> SpawnXenHost(const std::string& binary, const std::string&
   return pid;
 }
 
+absl::Status InProcessXen::Stop() {
+  guest.reset();
+  guest_platform.reset();
+  dom0.reset();
+  if (!host) return absl::OkStatus();
+  absl::Status stopped = host->StopThread();
+  host.reset();
+  return stopped;
+}
+
+absl::StatusOr<InProcessXen> StartInProcessXen(const std::string& run_dir,
+                                               common::xen::DomainId guest_domid, uint32_t pages,
+                                               uint32_t grant_entries) {
+  InProcessXen xen;
+  absl::StatusOr<std::unique_ptr<XenHost>> host = XenHost::Create(XenHostOptions{run_dir});
+  if (!host.ok()) return host.status();
+  xen.host = std::move(*host);
+  if (absl::Status created = xen.host->CreateDomain(guest_domid, pages, grant_entries);
+      !created.ok()) {
+    return created;
+  }
+  xen.host->StartThread();
+  auto dom0 = common::xen::CreateEmulatedXenPlatform(common::xen::EmulatedXenOptions{run_dir, 0});
+  if (!dom0.ok()) return dom0.status();
+  xen.dom0 = std::move(*dom0);
+  auto guest_platform =
+      common::xen::CreateEmulatedXenPlatform(common::xen::EmulatedXenOptions{run_dir, guest_domid});
+  if (!guest_platform.ok()) return guest_platform.status();
+  xen.guest_platform = std::move(*guest_platform);
+  auto guest = GuestDomain::Connect(run_dir, guest_domid);
+  if (!guest.ok()) return guest.status();
+  xen.guest = std::move(*guest);
+  return xen;
+}
+
 absl::StatusOr<std::vector<BlkfrontCompletion>> RunGuestRequests(Blkfront& front,
                                                                  std::span<const GuestIo> ios,
                                                                  uint32_t depth, int timeout_ms,

@@ -1,19 +1,23 @@
 #pragma once
 
 // Helpers for tests that drive the emulated Xen host: hermetic temp dirs, running the real
-// xenstore-* tools against a given xenstored socket, starting bp-xenhost, and moving exact bytes
-// through a connected Blkfront. Test-only; not used by the daemon.
+// xenstore-* tools against a given xenstored socket, starting bp-xenhost or a host in this
+// process, and moving exact bytes through a connected Blkfront. Test-only; not used by the daemon.
 
 #include <stdint.h>
 #include <sys/types.h>
 
 #include <atomic>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/xen/xen_platform.h"
 #include "tests/harness/xen/blkfront.h"
+#include "tests/harness/xen/guest_domain.h"
+#include "tests/harness/xen/xen_host.h"
 
 namespace blockplane::harness {
 
@@ -47,6 +51,29 @@ CommandResult RunXenstoreTool(const std::vector<std::string>& argv,
 // printed instead.
 absl::StatusOr<pid_t> SpawnXenHost(const std::string& binary, const std::string& run_dir,
                                    const std::string& domain_spec);
+
+// An emulated Xen host running in this process, on its own thread, with one guest domain, and the
+// handles tests use: dom0's and the guest's XenPlatform and the guest's memory.
+struct InProcessXen {
+  std::unique_ptr<XenHost> host;
+  std::unique_ptr<common::xen::XenPlatform> dom0;
+  std::unique_ptr<common::xen::XenPlatform> guest_platform;
+  std::unique_ptr<GuestDomain> guest;
+
+  InProcessXen() = default;
+  InProcessXen(InProcessXen&&) = default;
+  InProcessXen& operator=(InProcessXen&&) = default;
+  ~InProcessXen() { (void)Stop(); }
+  // Closes the handles (the guest's first), then stops the host's thread and returns what its
+  // loop returned. Later calls do nothing and return OK.
+  absl::Status Stop();
+};
+
+// Creates the host in `run_dir` (which must exist) with guest `guest_domid` of `pages` pages and
+// `grant_entries` grant entries, starts its thread and opens the handles.
+absl::StatusOr<InProcessXen> StartInProcessXen(const std::string& run_dir,
+                                               common::xen::DomainId guest_domid, uint32_t pages,
+                                               uint32_t grant_entries);
 
 // One request for RunGuestRequests(). Data goes through the slot buffer the request gets:
 // `write_data` (write, barrier) is copied in before the request is enqueued, `read_data` (read)

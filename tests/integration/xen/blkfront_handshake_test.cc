@@ -17,7 +17,6 @@
 #include "tests/harness/xen/blkfront.h"
 #include "tests/harness/xen/guest_domain.h"
 #include "tests/harness/xen/test_support.h"
-#include "tests/harness/xen/xen_host.h"
 
 #ifndef xen_mb
 #define xen_mb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
@@ -29,8 +28,6 @@
 namespace blockplane::harness {
 namespace {
 
-using common::xen::CreateEmulatedXenPlatform;
-using common::xen::EmulatedXenOptions;
 using common::xen::GrantRef;
 using common::xen::kNoTransaction;
 using common::xen::XenPlatform;
@@ -157,37 +154,16 @@ struct HandshakeParams {
 class BlkfrontHandshakeTest : public ::testing::TestWithParam<HandshakeParams> {
  protected:
   void SetUp() override {
-    auto host = XenHost::Create(XenHostOptions{dir_.path()});
-    ASSERT_TRUE(host.ok()) << host.status();
-    host_ = std::move(*host);
-    ASSERT_TRUE(host_->CreateDomain(kGuest, 64, 32).ok());
-    host_->StartThread();
-    auto dom0 = CreateEmulatedXenPlatform(EmulatedXenOptions{dir_.path(), 0});
-    ASSERT_TRUE(dom0.ok()) << dom0.status();
-    dom0_ = std::move(*dom0);
-    auto guest_platform = CreateEmulatedXenPlatform(EmulatedXenOptions{dir_.path(), kGuest});
-    ASSERT_TRUE(guest_platform.ok()) << guest_platform.status();
-    guest_platform_ = std::move(*guest_platform);
-    auto guest = GuestDomain::Connect(dir_.path(), kGuest);
-    ASSERT_TRUE(guest.ok()) << guest.status();
-    guest_ = std::move(*guest);
-    ASSERT_TRUE(WriteVbdToolstackEntries(dom0_->xenstore(), kGuest, 0, kDevid).ok());
+    auto xen = StartInProcessXen(dir_.path(), kGuest, 64, 32);
+    ASSERT_TRUE(xen.ok()) << xen.status();
+    xen_ = std::move(*xen);
+    ASSERT_TRUE(WriteVbdToolstackEntries(xen_.dom0->xenstore(), kGuest, 0, kDevid).ok());
     paths_ = VbdPathsFor(kGuest, 0, kDevid);
   }
-  void TearDown() override {
-    guest_.reset();
-    guest_platform_.reset();
-    dom0_.reset();
-    if (host_) {
-      EXPECT_TRUE(host_->StopThread().ok());
-    }
-  }
+  void TearDown() override { EXPECT_TRUE(xen_.Stop().ok()); }
 
   TempDir dir_;
-  std::unique_ptr<XenHost> host_;
-  std::unique_ptr<XenPlatform> dom0_;
-  std::unique_ptr<XenPlatform> guest_platform_;
-  std::unique_ptr<GuestDomain> guest_;
+  InProcessXen xen_;
   VbdPaths paths_;
 };
 
@@ -196,7 +172,7 @@ TEST_P(BlkfrontHandshakeTest, ConnectsKicksAndCloses) {
   constexpr uint32_t kBackendMaxOrder = 2;
   constexpr uint32_t kBackendMaxQueues = 4;
   FakeBackendReport report;
-  std::thread backend(RunFakeBackend, dom0_.get(), paths_, kBackendMaxOrder, kBackendMaxQueues,
+  std::thread backend(RunFakeBackend, xen_.dom0.get(), paths_, kBackendMaxOrder, kBackendMaxQueues,
                       &report);
 
   BlkfrontOptions options;
@@ -205,7 +181,7 @@ TEST_P(BlkfrontHandshakeTest, ConnectsKicksAndCloses) {
   options.num_queues = params.wanted_queues;
   options.first_ring_frame = 8;
   options.first_ring_ref = 4;
-  Blkfront front(guest_platform_.get(), guest_.get(), options);
+  Blkfront front(xen_.guest_platform.get(), xen_.guest.get(), options);
   absl::Status connected = front.Connect();
   ASSERT_TRUE(connected.ok()) << connected;
   EXPECT_EQ(front.paths().backend, paths_.backend);
@@ -223,10 +199,11 @@ TEST_P(BlkfrontHandshakeTest, ConnectsKicksAndCloses) {
     EXPECT_EQ(queue.ring_refs.size(), 1u << order);
     all_refs.insert(all_refs.end(), queue.ring_refs.begin(), queue.ring_refs.end());
   }
-  EXPECT_EQ(dom0_->xenstore().Read(paths_.frontend + "/state", kNoTransaction).value_or(""), "4");
+  EXPECT_EQ(xen_.dom0->xenstore().Read(paths_.frontend + "/state", kNoTransaction).value_or(""),
+            "4");
   // While the backend maps the rings, the guest sees every ring grant in use.
   for (GrantRef ref : all_refs) {
-    EXPECT_EQ(guest_->EntryFlags(ref) & (GTF_reading | GTF_writing), GTF_reading | GTF_writing)
+    EXPECT_EQ(xen_.guest->EntryFlags(ref) & (GTF_reading | GTF_writing), GTF_reading | GTF_writing)
         << ref;
   }
 
@@ -244,8 +221,9 @@ TEST_P(BlkfrontHandshakeTest, ConnectsKicksAndCloses) {
   EXPECT_EQ(report.queues, queues);
   EXPECT_EQ(report.ring_pages_per_queue, 1u << order);
   EXPECT_TRUE(report.rings_initialised);
-  for (GrantRef ref : all_refs) EXPECT_EQ(guest_->EntryFlags(ref), 0) << ref;  // revoked
-  EXPECT_EQ(dom0_->xenstore().Read(paths_.frontend + "/state", kNoTransaction).value_or(""), "6");
+  for (GrantRef ref : all_refs) EXPECT_EQ(xen_.guest->EntryFlags(ref), 0) << ref;  // revoked
+  EXPECT_EQ(xen_.dom0->xenstore().Read(paths_.frontend + "/state", kNoTransaction).value_or(""),
+            "6");
 }
 
 INSTANTIATE_TEST_SUITE_P(RingOrdersAndQueues, BlkfrontHandshakeTest,
@@ -255,16 +233,17 @@ INSTANTIATE_TEST_SUITE_P(RingOrdersAndQueues, BlkfrontHandshakeTest,
                                            HandshakeParams{1, 8}));  // queues capped at 4
 
 TEST_F(BlkfrontHandshakeTest, GuestCannotWriteTheBackendDirectory) {
-  auto status = guest_platform_->xenstore().Write(paths_.backend + "/state", "4", kNoTransaction);
+  auto status =
+      xen_.guest_platform->xenstore().Write(paths_.backend + "/state", "4", kNoTransaction);
   EXPECT_EQ(common::xen::StatusToErrno(status), EACCES);
   EXPECT_EQ(
-      guest_platform_->xenstore().Read(paths_.backend + "/state", kNoTransaction).value_or(""),
+      xen_.guest_platform->xenstore().Read(paths_.backend + "/state", kNoTransaction).value_or(""),
       "1");
 }
 
 TEST_F(BlkfrontHandshakeTest, BackendClosingDuringHandshakeFailsConnect) {
-  ASSERT_TRUE(dom0_->xenstore().Write(paths_.backend + "/state", "5", kNoTransaction).ok());
-  Blkfront front(guest_platform_.get(), guest_.get(), BlkfrontOptions{});
+  ASSERT_TRUE(xen_.dom0->xenstore().Write(paths_.backend + "/state", "5", kNoTransaction).ok());
+  Blkfront front(xen_.guest_platform.get(), xen_.guest.get(), BlkfrontOptions{});
   absl::Status status = front.Connect();
   EXPECT_TRUE(absl::IsFailedPrecondition(status)) << status;
   EXPECT_THAT(status.message(), HasSubstr("state 5"));
@@ -273,19 +252,20 @@ TEST_F(BlkfrontHandshakeTest, BackendClosingDuringHandshakeFailsConnect) {
 // A backend left Closed by an earlier frontend is not a failure: the new frontend says
 // Initialising and waits for InitWait (here it never comes, so the wait times out).
 TEST_F(BlkfrontHandshakeTest, ClosedBackendIsWaitedFor) {
-  ASSERT_TRUE(dom0_->xenstore().Write(paths_.backend + "/state", "6", kNoTransaction).ok());
-  ASSERT_TRUE(dom0_->xenstore().Write(paths_.frontend + "/state", "6", kNoTransaction).ok());
+  ASSERT_TRUE(xen_.dom0->xenstore().Write(paths_.backend + "/state", "6", kNoTransaction).ok());
+  ASSERT_TRUE(xen_.dom0->xenstore().Write(paths_.frontend + "/state", "6", kNoTransaction).ok());
   BlkfrontOptions options;
   options.timeout_ms = 200;
-  Blkfront front(guest_platform_.get(), guest_.get(), options);
+  Blkfront front(xen_.guest_platform.get(), xen_.guest.get(), options);
   EXPECT_TRUE(absl::IsDeadlineExceeded(front.Connect()));
-  EXPECT_EQ(dom0_->xenstore().Read(paths_.frontend + "/state", kNoTransaction).value_or(""), "1");
+  EXPECT_EQ(xen_.dom0->xenstore().Read(paths_.frontend + "/state", kNoTransaction).value_or(""),
+            "1");
 }
 
 TEST_F(BlkfrontHandshakeTest, NoBackendTimesOut) {
   BlkfrontOptions options;
   options.timeout_ms = 200;  // bounded wait for a state that never comes
-  Blkfront front(guest_platform_.get(), guest_.get(), options);
+  Blkfront front(xen_.guest_platform.get(), xen_.guest.get(), options);
   EXPECT_TRUE(absl::IsDeadlineExceeded(front.Connect()));
 }
 
@@ -294,9 +274,9 @@ TEST_F(BlkfrontHandshakeTest, ToolstackEntriesAreVisibleWithXenstoreLs) {
   ASSERT_EQ(ls.exit_code, 0) << ls.err;
   EXPECT_THAT(ls.out, HasSubstr("backend = \"" + paths_.backend + "\""));
   EXPECT_THAT(ls.out, HasSubstr("state = \"1\""));
-  ASSERT_TRUE(RemoveVbdToolstackEntries(dom0_->xenstore(), kGuest, 0, kDevid).ok());
-  EXPECT_FALSE(dom0_->xenstore().Read(paths_.frontend, kNoTransaction).ok());
-  EXPECT_FALSE(dom0_->xenstore().Read(paths_.backend, kNoTransaction).ok());
+  ASSERT_TRUE(RemoveVbdToolstackEntries(xen_.dom0->xenstore(), kGuest, 0, kDevid).ok());
+  EXPECT_FALSE(xen_.dom0->xenstore().Read(paths_.frontend, kNoTransaction).ok());
+  EXPECT_FALSE(xen_.dom0->xenstore().Read(paths_.backend, kNoTransaction).ok());
 }
 
 }  // namespace

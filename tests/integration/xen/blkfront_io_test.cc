@@ -23,7 +23,6 @@
 #include "tests/harness/xen/scripted_blkback.h"
 #include "tests/harness/xen/test_support.h"
 #include "tests/harness/xen/workload.h"
-#include "tests/harness/xen/xen_host.h"
 #include "worker/backend/ram_backend.h"
 #include "worker/block/block_device.h"
 #include "worker/xen/blkif_backend.h"
@@ -47,37 +46,21 @@ constexpr uint32_t kGuestGrants = 4096;
 class BlkfrontIoTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto host = XenHost::Create(XenHostOptions{dir_.path()});
-    ASSERT_TRUE(host.ok()) << host.status();
-    host_ = std::move(*host);
-    ASSERT_TRUE(host_->CreateDomain(kGuest, kGuestPages, kGuestGrants).ok());
-    host_->StartThread();
-    auto dom0 = CreateEmulatedXenPlatform(EmulatedXenOptions{dir_.path(), 0});
-    ASSERT_TRUE(dom0.ok()) << dom0.status();
-    dom0_ = std::move(*dom0);
-    auto guest_platform = CreateEmulatedXenPlatform(EmulatedXenOptions{dir_.path(), kGuest});
-    ASSERT_TRUE(guest_platform.ok()) << guest_platform.status();
-    guest_platform_ = std::move(*guest_platform);
-    auto guest = GuestDomain::Connect(dir_.path(), kGuest);
-    ASSERT_TRUE(guest.ok()) << guest.status();
-    guest_ = std::move(*guest);
-    ASSERT_TRUE(WriteVbdToolstackEntries(dom0_->xenstore(), kGuest, 0, kDevid).ok());
+    auto xen = StartInProcessXen(dir_.path(), kGuest, kGuestPages, kGuestGrants);
+    ASSERT_TRUE(xen.ok()) << xen.status();
+    xen_ = std::move(*xen);
+    ASSERT_TRUE(WriteVbdToolstackEntries(xen_.dom0->xenstore(), kGuest, 0, kDevid).ok());
     paths_ = VbdPathsFor(kGuest, 0, kDevid);
   }
   void TearDown() override {
     front_.reset();
     backend_.reset();
-    guest_.reset();
-    guest_platform_.reset();
-    dom0_.reset();
-    if (host_) {
-      EXPECT_TRUE(host_->StopThread().ok());
-    }
+    EXPECT_TRUE(xen_.Stop().ok());
   }
 
   ScriptedBlkbackOptions BackendOptions() {
     ScriptedBlkbackOptions options;
-    options.dom0 = dom0_.get();
+    options.dom0 = xen_.dom0.get();
     options.frontend_domid = kGuest;
     options.paths = paths_;
     options.sectors = 4096;  // 2 MiB
@@ -89,7 +72,7 @@ class BlkfrontIoTest : public ::testing::Test {
     backend_ = std::make_unique<ScriptedBlkback>(backend);
     ASSERT_TRUE(backend_->Start().ok());
     front.devid = kDevid;
-    front_ = std::make_unique<Blkfront>(guest_platform_.get(), guest_.get(), front);
+    front_ = std::make_unique<Blkfront>(xen_.guest_platform.get(), xen_.guest.get(), front);
     absl::Status status = front_->Connect();
     ASSERT_TRUE(status.ok()) << status;
   }
@@ -119,10 +102,7 @@ class BlkfrontIoTest : public ::testing::Test {
   }
 
   TempDir dir_;
-  std::unique_ptr<XenHost> host_;
-  std::unique_ptr<XenPlatform> dom0_;
-  std::unique_ptr<XenPlatform> guest_platform_;
-  std::unique_ptr<GuestDomain> guest_;
+  InProcessXen xen_;
   VbdPaths paths_;
   std::unique_ptr<ScriptedBlkback> backend_;
   std::unique_ptr<Blkfront> front_;
@@ -162,7 +142,7 @@ TEST_P(BlkfrontOpsTest, EveryOperationMovesTheRightBytes) {
   EXPECT_EQ(done.operation, BLKIF_OP_WRITE);
   if (!params.persistent) {
     // The response ended the access of every page the request granted.
-    for (GrantRef ref : view.data_refs) EXPECT_EQ(guest_->EntryFlags(ref), 0) << ref;
+    for (GrantRef ref : view.data_refs) EXPECT_EQ(xen_.guest->EntryFlags(ref), 0) << ref;
   }
   front_->ReleaseSlot(0, *slot);
 
@@ -546,7 +526,7 @@ TEST_F(BlkfrontIoTest, SlotsWhosePagesStayMappedAreHeldBack) {
   const GrantRef ref_a = front_->Slot(0, *a).data_refs[0];
   EXPECT_EQ(RoundTrip(0, *a, {BlkfrontOp::kWrite, 0, 8, 0, false}).status, BLKIF_RSP_OKAY);
   EXPECT_EQ(front_->counters().grants_still_mapped, 1u);
-  EXPECT_EQ(guest_->EntryFlags(ref_a) & GTF_reading, GTF_reading);  // mapped for the write
+  EXPECT_EQ(xen_.guest->EntryFlags(ref_a) & GTF_reading, GTF_reading);  // mapped for the write
   front_->ReleaseSlot(0, *a);
 
   auto b = front_->AcquireSlot(0);  // a is held back
@@ -559,7 +539,7 @@ TEST_F(BlkfrontIoTest, SlotsWhosePagesStayMappedAreHeldBack) {
   auto again = front_->AcquireSlot(0);  // no free slot: retries the held ones; a is revocable
   ASSERT_TRUE(again);
   EXPECT_EQ(*again, *a);
-  EXPECT_EQ(guest_->EntryFlags(ref_a), 0);
+  EXPECT_EQ(xen_.guest->EntryFlags(ref_a), 0);
   EXPECT_FALSE(front_->AcquireSlot(0));  // b is still mapped
   front_->ReleaseSlot(0, *again);
   Disconnect();  // the backend unmaps everything at Closing; every grant is revoked
@@ -702,7 +682,7 @@ class ProductBackendTest : public BlkfrontIoTest {
 
   void ConnectFront(BlkfrontOptions options) {
     options.devid = kDevid;
-    front_ = std::make_unique<Blkfront>(guest_platform_.get(), guest_.get(), options);
+    front_ = std::make_unique<Blkfront>(xen_.guest_platform.get(), xen_.guest.get(), options);
     absl::Status status = front_->Connect();
     ASSERT_TRUE(status.ok()) << status;
   }

@@ -81,76 +81,54 @@ class EmulatedPlatformTest : public ::testing::Test {
  protected:
   void SetUp() override {
     ASSERT_FALSE(dir_.path().empty());
-    auto host = XenHost::Create(XenHostOptions{dir_.path()});
-    ASSERT_TRUE(host.ok()) << host.status();
-    host_ = std::move(*host);
-    ASSERT_TRUE(host_->CreateDomain(kGuest, kGuestPages, kGuestGrants).ok());
-    host_->StartThread();
-
-    auto dom0 = CreateEmulatedXenPlatform(EmulatedXenOptions{dir_.path(), 0});
-    ASSERT_TRUE(dom0.ok()) << dom0.status();
-    dom0_ = std::move(*dom0);
-    auto guest_platform = CreateEmulatedXenPlatform(EmulatedXenOptions{dir_.path(), kGuest});
-    ASSERT_TRUE(guest_platform.ok()) << guest_platform.status();
-    guest_platform_ = std::move(*guest_platform);
-    auto guest = GuestDomain::Connect(dir_.path(), kGuest);
-    ASSERT_TRUE(guest.ok()) << guest.status();
-    guest_ = std::move(*guest);
+    auto xen = StartInProcessXen(dir_.path(), kGuest, kGuestPages, kGuestGrants);
+    ASSERT_TRUE(xen.ok()) << xen.status();
+    xen_ = std::move(*xen);
   }
-  void TearDown() override {
-    guest_.reset();
-    guest_platform_.reset();
-    dom0_.reset();
-    if (host_) {
-      EXPECT_TRUE(host_->StopThread().ok());
-    }
-  }
+  void TearDown() override { EXPECT_TRUE(xen_.Stop().ok()); }
 
   TempDir dir_;
-  std::unique_ptr<XenHost> host_;
-  std::unique_ptr<XenPlatform> dom0_;
-  std::unique_ptr<XenPlatform> guest_platform_;
-  std::unique_ptr<GuestDomain> guest_;
+  InProcessXen xen_;
 };
 
 TEST_F(EmulatedPlatformTest, WritableMappingSharesGuestMemoryAndSetsInUseFlags) {
-  std::memset(guest_->Page(5).data(), 0xab, kXenPageSize);
-  ASSERT_TRUE(guest_->GrantAccess(3, 0, 5, /*readonly=*/false).ok());
+  std::memset(xen_.guest->Page(5).data(), 0xab, kXenPageSize);
+  ASSERT_TRUE(xen_.guest->GrantAccess(3, 0, 5, /*readonly=*/false).ok());
 
-  auto mapping = dom0_->grant_table().MapOne(kGuest, 3, /*writable=*/true);
+  auto mapping = xen_.dom0->grant_table().MapOne(kGuest, 3, /*writable=*/true);
   ASSERT_TRUE(mapping.ok()) << mapping.status();
   EXPECT_EQ((*mapping)->size(), kXenPageSize);
   EXPECT_EQ((*mapping)->data()[0], std::byte{0xab});
   EXPECT_EQ((*mapping)->data()[kXenPageSize - 1], std::byte{0xab});
   EXPECT_EQ(ProtectionOf((*mapping)->data()), "rw-s");
-  EXPECT_EQ(guest_->EntryFlags(3) & (GTF_reading | GTF_writing), GTF_reading | GTF_writing);
-  EXPECT_FALSE(guest_->EndAccess(3));  // in use: the guest cannot revoke it
+  EXPECT_EQ(xen_.guest->EntryFlags(3) & (GTF_reading | GTF_writing), GTF_reading | GTF_writing);
+  EXPECT_FALSE(xen_.guest->EndAccess(3));  // in use: the guest cannot revoke it
 
   (*mapping)->data()[100] = std::byte{0x11};
-  EXPECT_EQ(guest_->Page(5)[100], std::byte{0x11});
+  EXPECT_EQ(xen_.guest->Page(5)[100], std::byte{0x11});
 
   ASSERT_TRUE((*mapping)->Unmap().ok());
-  EXPECT_EQ(guest_->EntryFlags(3) & (GTF_reading | GTF_writing), 0);
-  EXPECT_TRUE(guest_->EndAccess(3));
-  EXPECT_EQ(guest_->EntryFlags(3), 0);
+  EXPECT_EQ(xen_.guest->EntryFlags(3) & (GTF_reading | GTF_writing), 0);
+  EXPECT_TRUE(xen_.guest->EndAccess(3));
+  EXPECT_EQ(xen_.guest->EntryFlags(3), 0);
 }
 
 TEST_F(EmulatedPlatformTest, ReadOnlyGrantMapsReadOnlyAndRefusesWritable) {
-  ASSERT_TRUE(guest_->GrantAccess(4, 0, 6, /*readonly=*/true).ok());
-  auto writable = dom0_->grant_table().MapOne(kGuest, 4, /*writable=*/true);
+  ASSERT_TRUE(xen_.guest->GrantAccess(4, 0, 6, /*readonly=*/true).ok());
+  auto writable = xen_.dom0->grant_table().MapOne(kGuest, 4, /*writable=*/true);
   ASSERT_FALSE(writable.ok());
   EXPECT_EQ(StatusToErrno(writable.status()), EINVAL);
-  EXPECT_EQ(guest_->EntryFlags(4), GTF_permit_access | GTF_readonly);  // no pin left behind
+  EXPECT_EQ(xen_.guest->EntryFlags(4), GTF_permit_access | GTF_readonly);  // no pin left behind
 
-  auto readonly = dom0_->grant_table().MapOne(kGuest, 4, /*writable=*/false);
+  auto readonly = xen_.dom0->grant_table().MapOne(kGuest, 4, /*writable=*/false);
   ASSERT_TRUE(readonly.ok()) << readonly.status();
   EXPECT_FALSE((*readonly)->writable());
   EXPECT_EQ(ProtectionOf((*readonly)->data()), "r--s");
-  EXPECT_EQ(guest_->EntryFlags(4) & (GTF_reading | GTF_writing), GTF_reading);
+  EXPECT_EQ(xen_.guest->EntryFlags(4) & (GTF_reading | GTF_writing), GTF_reading);
 }
 
 TEST_F(EmulatedPlatformTest, MapChecksWhatTheHypervisorChecks) {
-  auto& grants = dom0_->grant_table();
+  auto& grants = xen_.dom0->grant_table();
   // Out of range ref.
   auto result = grants.MapOne(kGuest, kGuestGrants, false);
   ASSERT_FALSE(result.ok());
@@ -161,22 +139,22 @@ TEST_F(EmulatedPlatformTest, MapChecksWhatTheHypervisorChecks) {
   ASSERT_FALSE(result.ok());
   EXPECT_THAT(result.status().message(), HasSubstr("GNTST_general_error"));
   // Granted to another domain.
-  ASSERT_TRUE(guest_->GrantAccess(8, 2, 1, false).ok());
+  ASSERT_TRUE(xen_.guest->GrantAccess(8, 2, 1, false).ok());
   result = grants.MapOne(kGuest, 8, false);
   ASSERT_FALSE(result.ok());
   EXPECT_EQ(StatusToErrno(result.status()), EINVAL);
   // A hostile guest names a frame outside its memory.
-  ASSERT_TRUE(guest_->GrantAccess(9, 0, 1, false).ok());
-  guest_->RawEntry(9)->frame = kGuestPages;
+  ASSERT_TRUE(xen_.guest->GrantAccess(9, 0, 1, false).ok());
+  xen_.guest->RawEntry(9)->frame = kGuestPages;
   result = grants.MapOne(kGuest, 9, false);
   ASSERT_FALSE(result.ok());
   EXPECT_THAT(result.status().message(), HasSubstr("GNTST_bad_page"));
-  EXPECT_EQ(guest_->EntryFlags(9) & (GTF_reading | GTF_writing), 0);
+  EXPECT_EQ(xen_.guest->EntryFlags(9) & (GTF_reading | GTF_writing), 0);
   // Sub-page and transitive grants are not mappable.
-  ASSERT_TRUE(guest_->GrantAccess(10, 0, 1, false).ok());
-  guest_->RawEntry(10)->flags = GTF_permit_access | GTF_sub_page;
+  ASSERT_TRUE(xen_.guest->GrantAccess(10, 0, 1, false).ok());
+  xen_.guest->RawEntry(10)->flags = GTF_permit_access | GTF_sub_page;
   EXPECT_FALSE(grants.MapOne(kGuest, 10, false).ok());
-  guest_->RawEntry(10)->flags = GTF_transitive;
+  xen_.guest->RawEntry(10)->flags = GTF_transitive;
   EXPECT_FALSE(grants.MapOne(kGuest, 10, false).ok());
   // Unknown domain.
   result = grants.MapOne(42, 0, false);
@@ -186,35 +164,36 @@ TEST_F(EmulatedPlatformTest, MapChecksWhatTheHypervisorChecks) {
 
 TEST_F(EmulatedPlatformTest, MultiRefMapIsAllOrNothingAndContiguous) {
   for (GrantRef ref = 0; ref < 3; ++ref) {
-    ASSERT_TRUE(guest_->GrantAccess(ref, 0, 10 + ref, false).ok());
-    guest_->Page(10 + ref)[0] = std::byte{static_cast<uint8_t>(ref + 1)};
+    ASSERT_TRUE(xen_.guest->GrantAccess(ref, 0, 10 + ref, false).ok());
+    xen_.guest->Page(10 + ref)[0] = std::byte{static_cast<uint8_t>(ref + 1)};
   }
   std::vector<GrantRef> refs = {0, 1, 2, 20};  // 20 was never granted
-  auto failed = dom0_->grant_table().Map(kGuest, refs, true);
+  auto failed = xen_.dom0->grant_table().Map(kGuest, refs, true);
   ASSERT_FALSE(failed.ok());
   for (GrantRef ref = 0; ref < 3; ++ref) {
-    EXPECT_EQ(guest_->EntryFlags(ref) & (GTF_reading | GTF_writing), 0) << ref;
+    EXPECT_EQ(xen_.guest->EntryFlags(ref) & (GTF_reading | GTF_writing), 0) << ref;
   }
   refs.pop_back();
-  auto mapping = dom0_->grant_table().Map(kGuest, refs, true);
+  auto mapping = xen_.dom0->grant_table().Map(kGuest, refs, true);
   ASSERT_TRUE(mapping.ok()) << mapping.status();
   ASSERT_EQ((*mapping)->size(), 3 * kXenPageSize);
   for (size_t i = 0; i < 3; ++i) EXPECT_EQ((*mapping)->page(i)[0], std::byte(i + 1));
   // Two mappings of one grant: flags stay until the last one goes.
-  auto second = dom0_->grant_table().MapOne(kGuest, 1, false);
+  auto second = xen_.dom0->grant_table().MapOne(kGuest, 1, false);
   ASSERT_TRUE(second.ok());
   mapping->reset();  // destruction unmaps
-  EXPECT_EQ(guest_->EntryFlags(0) & GTF_reading, 0);
-  EXPECT_EQ(guest_->EntryFlags(1) & (GTF_reading | GTF_writing), GTF_reading);
+  EXPECT_EQ(xen_.guest->EntryFlags(0) & GTF_reading, 0);
+  EXPECT_EQ(xen_.guest->EntryFlags(1) & (GTF_reading | GTF_writing), GTF_reading);
   second->reset();
-  EXPECT_EQ(guest_->EntryFlags(1) & GTF_reading, 0);
+  EXPECT_EQ(xen_.guest->EntryFlags(1) & GTF_reading, 0);
 }
 
 TEST_F(EmulatedPlatformTest, MaxGrantsBoundsMappedPages) {
-  auto& grants = dom0_->grant_table();
+  auto& grants = xen_.dom0->grant_table();
   ASSERT_TRUE(grants.SetMaxGrants(2).ok());
   EXPECT_EQ(grants.MaxGrants(), 2u);
-  for (GrantRef ref = 0; ref < 3; ++ref) ASSERT_TRUE(guest_->GrantAccess(ref, 0, ref, false).ok());
+  for (GrantRef ref = 0; ref < 3; ++ref)
+    ASSERT_TRUE(xen_.guest->GrantAccess(ref, 0, ref, false).ok());
   std::vector<GrantRef> three = {0, 1, 2};
   EXPECT_EQ(StatusToErrno(grants.Map(kGuest, three, false).status()), EINVAL);
   auto first = grants.MapOne(kGuest, 0, false);
@@ -227,9 +206,9 @@ TEST_F(EmulatedPlatformTest, MaxGrantsBoundsMappedPages) {
 }
 
 TEST_F(EmulatedPlatformTest, GrantCopyBothWaysWithPerSegmentStatus) {
-  ASSERT_TRUE(guest_->GrantAccess(1, 0, 20, false).ok());
-  ASSERT_TRUE(guest_->GrantAccess(2, 0, 21, /*readonly=*/true).ok());
-  std::memcpy(guest_->Page(20).data() + 100, "from-guest", 10);
+  ASSERT_TRUE(xen_.guest->GrantAccess(1, 0, 20, false).ok());
+  ASSERT_TRUE(xen_.guest->GrantAccess(2, 0, 21, /*readonly=*/true).ok());
+  std::memcpy(xen_.guest->Page(20).data() + 100, "from-guest", 10);
 
   char in[10] = {};
   char out[] = "to-guest!";
@@ -241,38 +220,40 @@ TEST_F(EmulatedPlatformTest, GrantCopyBothWaysWithPerSegmentStatus) {
       {GrantCopySegment::Direction::kToGrant, kGuest, 2, 0, 8, spare, 1},     // read-only grant
       {GrantCopySegment::Direction::kFromGrant, kGuest, 99, 0, 8, spare, 1},  // bad ref
   };
-  ASSERT_TRUE(dom0_->grant_table().Copy(segments).ok());
+  ASSERT_TRUE(xen_.dom0->grant_table().Copy(segments).ok());
   EXPECT_EQ(segments[0].status, GNTST_okay);
   EXPECT_EQ(std::string(in, 10), "from-guest");
   EXPECT_EQ(segments[1].status, GNTST_okay);
-  EXPECT_EQ(std::memcmp(guest_->Page(20).data() + 4000, "to-guest!", 9), 0);
+  EXPECT_EQ(std::memcmp(xen_.guest->Page(20).data() + 4000, "to-guest!", 9), 0);
   EXPECT_EQ(segments[2].status, GNTST_bad_copy_arg);
   EXPECT_EQ(segments[3].status, GNTST_general_error);
   EXPECT_EQ(segments[4].status, GNTST_bad_gntref);
-  EXPECT_EQ(guest_->EntryFlags(1) & (GTF_reading | GTF_writing), 0);  // copy pins are released
+  EXPECT_EQ(xen_.guest->EntryFlags(1) & (GTF_reading | GTF_writing), 0);  // copy pins are released
 }
 
 TEST_F(EmulatedPlatformTest, GuestCannotMapOrReadOtherDomainsMemory) {
-  ASSERT_TRUE(host_->StopThread().ok());  // CreateDomain runs on the loop thread only
-  ASSERT_TRUE(host_->CreateDomain(2, 8, 8).ok());
-  host_->StartThread();
-  auto mapping = guest_platform_->grant_table().MapOne(2, 0, false);
+  ASSERT_TRUE(xen_.host->StopThread().ok());  // CreateDomain runs on the loop thread only
+  ASSERT_TRUE(xen_.host->CreateDomain(2, 8, 8).ok());
+  xen_.host->StartThread();
+  auto mapping = xen_.guest_platform->grant_table().MapOne(2, 0, false);
   ASSERT_FALSE(mapping.ok());
   EXPECT_EQ(StatusToErrno(mapping.status()), EACCES);  // EPERM from the hypervisor
 }
 
 TEST_F(EmulatedPlatformTest, EventChannelsNotifyBothWays) {
-  auto unbound = guest_platform_->AllocUnbound(0);
+  auto unbound = xen_.guest_platform->AllocUnbound(0);
   ASSERT_TRUE(unbound.ok()) << unbound.status();
   std::unique_ptr<EventChannel> frontend = std::move(*unbound);
 
   // Only the domain the port is offered to may bind it, and only once.
-  EXPECT_EQ(StatusToErrno(dom0_->BindInterdomain(kGuest, frontend->local_port() + 100).status()),
-            EINVAL);
-  auto bound = dom0_->BindInterdomain(kGuest, frontend->local_port());
+  EXPECT_EQ(
+      StatusToErrno(xen_.dom0->BindInterdomain(kGuest, frontend->local_port() + 100).status()),
+      EINVAL);
+  auto bound = xen_.dom0->BindInterdomain(kGuest, frontend->local_port());
   ASSERT_TRUE(bound.ok()) << bound.status();
   std::unique_ptr<EventChannel> backend = std::move(*bound);
-  EXPECT_EQ(StatusToErrno(dom0_->BindInterdomain(kGuest, frontend->local_port()).status()), EINVAL);
+  EXPECT_EQ(StatusToErrno(xen_.dom0->BindInterdomain(kGuest, frontend->local_port()).status()),
+            EINVAL);
 
   EXPECT_FALSE(IsReadable(backend->ReadinessFd()));
   ASSERT_TRUE(frontend->Notify().ok());
@@ -291,14 +272,14 @@ TEST_F(EmulatedPlatformTest, EventChannelsNotifyBothWays) {
   // When the backend closes, the frontend's port is unbound again and can be re-bound.
   uint32_t port = frontend->local_port();
   backend.reset();
-  auto rebound = dom0_->BindInterdomain(kGuest, port);
+  auto rebound = xen_.dom0->BindInterdomain(kGuest, port);
   ASSERT_TRUE(rebound.ok()) << rebound.status();
   ASSERT_TRUE((*rebound)->Notify().ok());
   EXPECT_TRUE(WaitReadable(frontend->ReadinessFd()));
 }
 
 TEST_F(EmulatedPlatformTest, XenStoreThroughThePlatform) {
-  auto& store = dom0_->xenstore();
+  auto& store = xen_.dom0->xenstore();
   ASSERT_TRUE(store.Write("/backend/vbd/1/51712/state", "2", common::xen::kNoTransaction).ok());
   EXPECT_EQ(store.Read("/backend/vbd/1/51712/state", common::xen::kNoTransaction).value_or(""),
             "2");
@@ -317,7 +298,7 @@ TEST_F(EmulatedPlatformTest, XenStoreThroughThePlatform) {
                 .value_or(std::vector<XenStorePermission>{}),
             perms);
   // The guest reads it, cannot write it; writes its own keys by relative path.
-  auto& guest_store = guest_platform_->xenstore();
+  auto& guest_store = xen_.guest_platform->xenstore();
   EXPECT_EQ(
       guest_store.Read("/backend/vbd/1/51712/state", common::xen::kNoTransaction).value_or(""),
       "2");
@@ -352,7 +333,7 @@ TEST_F(EmulatedPlatformTest, XenStoreThroughThePlatform) {
 }
 
 TEST_F(EmulatedPlatformTest, RunTransactionRetriesOnConflict) {
-  auto& store = dom0_->xenstore();
+  auto& store = xen_.dom0->xenstore();
   ASSERT_TRUE(store.Write("/counter", "0", common::xen::kNoTransaction).ok());
   auto other = CreateEmulatedXenPlatform(EmulatedXenOptions{dir_.path(), 0});
   ASSERT_TRUE(other.ok());
@@ -382,7 +363,7 @@ TEST_F(EmulatedPlatformTest, RunTransactionRetriesOnConflict) {
 }
 
 TEST_F(EmulatedPlatformTest, DomainLifecycleOverTheHypervisorSocket) {
-  auto& store = dom0_->xenstore();
+  auto& store = xen_.dom0->xenstore();
   ASSERT_TRUE(store.Watch("@releaseDomain", "rel").ok());
   ASSERT_TRUE(WaitReadable(store.WatchFd()));
   ASSERT_TRUE(store.ReadWatchEvents().ok());  // the registration event
@@ -422,19 +403,19 @@ TEST_F(EmulatedPlatformTest, DomainIdReuseDoesNotMapTheOldDomain) {
     ASSERT_TRUE(old_guest.ok());
     std::memcpy((*old_guest)->Page(2).data(), "old", 3);
     ASSERT_TRUE((*old_guest)->GrantAccess(1, 0, 2, false).ok());
-    auto mapping = dom0_->grant_table().MapOne(6, 1, false);
+    auto mapping = xen_.dom0->grant_table().MapOne(6, 1, false);
     ASSERT_TRUE(mapping.ok());
     ASSERT_TRUE(DestroyGuestDomain(dir_.path(), 6).ok());
     // A mapping made before the destruction stays readable, as on Xen until unmapped.
     EXPECT_EQ(std::memcmp((*mapping)->data(), "old", 3), 0);
   }
-  EXPECT_FALSE(dom0_->grant_table().MapOne(6, 1, false).ok());  // no such domain now
+  EXPECT_FALSE(xen_.dom0->grant_table().MapOne(6, 1, false).ok());  // no such domain now
   ASSERT_TRUE(CreateGuestDomain(dir_.path(), 6, 8, 8).ok());
   auto new_guest = GuestDomain::Connect(dir_.path(), 6);
   ASSERT_TRUE(new_guest.ok());
   std::memcpy((*new_guest)->Page(3).data(), "new", 3);
   ASSERT_TRUE((*new_guest)->GrantAccess(1, 0, 3, false).ok());
-  auto mapping = dom0_->grant_table().MapOne(6, 1, false);
+  auto mapping = xen_.dom0->grant_table().MapOne(6, 1, false);
   ASSERT_TRUE(mapping.ok()) << mapping.status();
   EXPECT_EQ(std::memcmp((*mapping)->data(), "new", 3), 0);
 }
@@ -471,7 +452,7 @@ class HypervisorSocketTest : public EmulatedPlatformTest {
 
 TEST_F(HypervisorSocketTest, MalformedRequestsGetEinvalAndTheHostSurvives) {
   using common::xen::emulated::HypervisorOp;
-  common::UniqueFd fd = Connect(host_->HypervisorSocket(0));
+  common::UniqueFd fd = Connect(xen_.host->HypervisorSocket(0));
   char short_request[3] = {1, 2, 3};
   EXPECT_EQ(Call(fd.get(), short_request, sizeof(short_request)), EINVAL);
   common::xen::emulated::HypervisorRequest bad_magic;
@@ -490,21 +471,21 @@ TEST_F(HypervisorSocketTest, MalformedRequestsGetEinvalAndTheHostSurvives) {
 
 TEST_F(HypervisorSocketTest, GuestsAreConfinedToThemselves) {
   using common::xen::emulated::HypervisorOp;
-  common::UniqueFd fd = Connect(host_->HypervisorSocket(kGuest));
+  common::UniqueFd fd = Connect(xen_.host->HypervisorSocket(kGuest));
   EXPECT_EQ(Call(fd.get(), HypervisorOp::kCreateDomain, 7, 8, 8), EPERM);
   EXPECT_EQ(Call(fd.get(), HypervisorOp::kDestroyDomain, kGuest), EPERM);
   EXPECT_EQ(Call(fd.get(), HypervisorOp::kGetDomainMemory, 0), EPERM);
   // A port offered to dom0 cannot be bound by another guest.
-  auto offered = guest_platform_->AllocUnbound(0);
+  auto offered = xen_.guest_platform->AllocUnbound(0);
   ASSERT_TRUE(offered.ok());
-  ASSERT_TRUE(host_->StopThread().ok());
-  ASSERT_TRUE(host_->CreateDomain(3, 8, 8).ok());
-  host_->StartThread();
+  ASSERT_TRUE(xen_.host->StopThread().ok());
+  ASSERT_TRUE(xen_.host->CreateDomain(3, 8, 8).ok());
+  xen_.host->StartThread();
   auto intruder = CreateEmulatedXenPlatform(EmulatedXenOptions{dir_.path(), 3});
   ASSERT_TRUE(intruder.ok()) << intruder.status();
   EXPECT_EQ(StatusToErrno((*intruder)->BindInterdomain(kGuest, (*offered)->local_port()).status()),
             EINVAL);
-  EXPECT_TRUE(dom0_->BindInterdomain(kGuest, (*offered)->local_port()).ok());
+  EXPECT_TRUE(xen_.dom0->BindInterdomain(kGuest, (*offered)->local_port()).ok());
 }
 
 // A backend process that dies (kill -9) never closes its event channels; on Xen the kernel's
@@ -513,17 +494,17 @@ TEST_F(HypervisorSocketTest, GuestsAreConfinedToThemselves) {
 // process's hypervisor connection goes away.
 TEST_F(HypervisorSocketTest, PortsOfAConnectionThatGoesAwayAreClosed) {
   using common::xen::emulated::HypervisorOp;
-  auto offered = guest_platform_->AllocUnbound(0);
+  auto offered = xen_.guest_platform->AllocUnbound(0);
   ASSERT_TRUE(offered.ok()) << offered.status();
   const uint32_t port = (*offered)->local_port();
   {
-    common::UniqueFd dying = Connect(host_->HypervisorSocket(0));
+    common::UniqueFd dying = Connect(xen_.host->HypervisorSocket(0));
     ASSERT_EQ(Call(dying.get(), HypervisorOp::kEvtchnBindInterdomain, kGuest, port), 0);
-    EXPECT_EQ(StatusToErrno(dom0_->BindInterdomain(kGuest, port).status()), EINVAL);  // taken
+    EXPECT_EQ(StatusToErrno(xen_.dom0->BindInterdomain(kGuest, port).status()), EINVAL);  // taken
   }  // the connection closes without EvtchnClose
   absl::StatusOr<std::unique_ptr<EventChannel>> rebound = absl::UnknownError("not tried");
   for (int attempt = 0; attempt < 500 && !rebound.ok(); ++attempt) {
-    rebound = dom0_->BindInterdomain(kGuest, port);
+    rebound = xen_.dom0->BindInterdomain(kGuest, port);
     if (!rebound.ok()) usleep(10000);  // the host notices the hang-up on its own thread
   }
   ASSERT_TRUE(rebound.ok()) << rebound.status();
