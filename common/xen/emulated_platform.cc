@@ -1,7 +1,7 @@
 // XenPlatform on the emulated Xen host (tests/harness/xen, bp-xenhost). See xen_platform.h and
-// emulated_protocol.h. The grant checks the hypervisor would make run in this process, on the
-// granter's shared grant table and the host's active table (grant_access.h); the mapped pages are
-// mmaps of the granter's memory memfd at the granted frame.
+// emulated_protocol.h. Grants are pinned and unpinned by the hypervisor (kGrantPin/kGrantUnpin,
+// which record the pins against this process's connection); the mapped pages are mmaps of the
+// granter's memory memfd at the frames the pin returned.
 
 #include <errno.h>
 #include <sys/mman.h>
@@ -9,6 +9,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <map>
@@ -25,7 +26,6 @@
 namespace blockplane::common::xen {
 namespace {
 
-using emulated::GrantActiveEntry;
 using emulated::HypervisorOp;
 using emulated::HypervisorReply;
 using emulated::HypervisorRequest;
@@ -85,49 +85,129 @@ class HypervisorClient {
     std::vector<UniqueFd> fds;
   };
   absl::StatusOr<Result> Call(const HypervisorRequest& request) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (absl::Status status = SendWithFds(
-            fd_.get(), std::as_bytes(std::span<const HypervisorRequest>(&request, 1)), {});
-        !status.ok()) {
-      return status;
-    }
     Result result;
-    auto received = ReceiveWithFds(
-        fd_.get(), std::as_writable_bytes(std::span<HypervisorReply>(&result.reply, 1)),
-        emulated::kMaxReplyFds);
-    if (!received.ok()) {
-      // A late reply would answer the next request: this connection is unusable from now on.
-      ::shutdown(fd_.get(), SHUT_RDWR);
-      return received.status();
-    }
-    if (received->size != sizeof(HypervisorReply) || received->truncated ||
-        result.reply.magic != emulated::kProtocolMagic) {
+    auto received = Exchange(std::as_bytes(std::span<const HypervisorRequest>(&request, 1)),
+                             std::as_writable_bytes(std::span<HypervisorReply>(&result.reply, 1)));
+    if (!received.ok()) return received.status();
+    if (received->size != sizeof(HypervisorReply)) {
       return absl::DataLossError("malformed reply from the emulated hypervisor");
     }
     result.fds = std::move(received->fds);
     return result;
   }
 
+  // kGrantPin of `refs` (in batches of kMaxGrantBatch, all or nothing): the frames, or EINVAL
+  // naming the first grant that failed.
+  // `grant_status`, if given, receives the GNTST_* status of the grant that failed.
+  absl::StatusOr<std::vector<uint32_t>> Pin(DomainId domid, std::span<const GrantRef> refs,
+                                            bool readonly, int16_t* grant_status = nullptr) {
+    std::vector<uint32_t> frames;
+    frames.reserve(refs.size());
+    auto request = std::make_unique<emulated::GrantBatchRequest>();
+    auto reply = std::make_unique<emulated::GrantBatchReply>();
+    for (size_t done = 0; done < refs.size();) {
+      const uint32_t count =
+          static_cast<uint32_t>(std::min<size_t>(refs.size() - done, emulated::kMaxGrantBatch));
+      absl::Status status = GrantCall(
+          HypervisorOp::kGrantPin, domid, refs.subspan(done, count), readonly, *request, *reply,
+          sizeof(HypervisorReply) + size_t{count} * sizeof(uint32_t), grant_status);
+      if (!status.ok()) {
+        if (done > 0) (void)Unpin(domid, refs.first(done), readonly);
+        return status;
+      }
+      frames.insert(frames.end(), reply->frames, reply->frames + count);
+      done += count;
+    }
+    return frames;
+  }
+
+  absl::Status Unpin(DomainId domid, std::span<const GrantRef> refs, bool readonly) {
+    auto request = std::make_unique<emulated::GrantBatchRequest>();
+    auto reply = std::make_unique<emulated::GrantBatchReply>();
+    absl::Status result;
+    for (size_t done = 0; done < refs.size();) {
+      const uint32_t count =
+          static_cast<uint32_t>(std::min<size_t>(refs.size() - done, emulated::kMaxGrantBatch));
+      absl::Status status = GrantCall(HypervisorOp::kGrantUnpin, domid, refs.subspan(done, count),
+                                      readonly, *request, *reply, sizeof(HypervisorReply), nullptr);
+      if (!status.ok()) result.Update(status);
+      done += count;
+    }
+    return result;
+  }
+
  private:
+  absl::Status GrantCall(HypervisorOp op, DomainId domid, std::span<const GrantRef> refs,
+                         bool readonly, emulated::GrantBatchRequest& request,
+                         emulated::GrantBatchReply& reply, size_t reply_size,
+                         int16_t* grant_status) {
+    request.header = HypervisorRequest{};
+    request.header.op = op;
+    request.header.domid = domid;
+    request.header.arg0 = static_cast<uint32_t>(refs.size());
+    request.header.arg1 = readonly ? emulated::kGrantReadonly : 0;
+    std::copy(refs.begin(), refs.end(), request.refs);
+    auto received =
+        Exchange(std::as_bytes(std::span<const emulated::GrantBatchRequest>(&request, 1))
+                     .first(sizeof(HypervisorRequest) + refs.size() * sizeof(uint32_t)),
+                 std::as_writable_bytes(std::span<emulated::GrantBatchReply>(&reply, 1)));
+    if (!received.ok()) return received.status();
+    const std::string what =
+        std::string(op == HypervisorOp::kGrantPin ? "grant map" : "grant unmap") + " d" +
+        std::to_string(domid);
+    if (reply.header.error != 0) {
+      if (op == HypervisorOp::kGrantPin && reply.header.error == EINVAL &&
+          reply.header.value0 < refs.size()) {
+        if (grant_status) *grant_status = static_cast<int16_t>(reply.header.value1);
+        // gntdev reports any failed grant status as EINVAL.
+        return ErrnoToStatus(
+            EINVAL, what + " ref " + std::to_string(refs[reply.header.value0]) + ": " +
+                        GrantAccess::StatusName(static_cast<int16_t>(reply.header.value1)));
+      }
+      return ErrnoToStatus(reply.header.error, what);
+    }
+    if (received->size != reply_size) {
+      return absl::DataLossError("malformed grant reply from the emulated hypervisor");
+    }
+    return absl::OkStatus();
+  }
+
+  // One request, one reply (the reply's magic checked).
+  absl::StatusOr<ReceivedMessage> Exchange(std::span<const std::byte> request,
+                                           std::span<std::byte> reply) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (absl::Status status = SendWithFds(fd_.get(), request, {}); !status.ok()) return status;
+    auto received = ReceiveWithFds(fd_.get(), reply, emulated::kMaxReplyFds);
+    if (!received.ok()) {
+      // A late reply would answer the next request: this connection is unusable from now on.
+      ::shutdown(fd_.get(), SHUT_RDWR);
+      return received.status();
+    }
+    uint32_t magic = 0;
+    if (received->size >= sizeof(HypervisorReply)) std::memcpy(&magic, reply.data(), sizeof(magic));
+    if (received->size < sizeof(HypervisorReply) || received->truncated ||
+        magic != emulated::kProtocolMagic) {
+      return absl::DataLossError("malformed reply from the emulated hypervisor");
+    }
+    return std::move(*received);
+  }
+
   std::mutex mutex_;
   UniqueFd fd_;
 };
 
-// A granting domain's memory, grant table and active table, mapped into this process.
+// A granting domain's memory and status page, mapped into this process.
 struct DomainMemory {
   DomainId domid = 0;
   uint32_t pages = 0;
   uint32_t grant_entries = 0;
   UniqueFd memory_fd;
   std::unique_ptr<SharedMap> memory;  // whole guest memory, for grant copy
-  std::unique_ptr<SharedMap> grant_table;
-  std::unique_ptr<SharedMap> active;
-  std::unique_ptr<GrantAccess> access;
+  std::unique_ptr<SharedMap> status;
 
   bool destroyed() const {
-    auto* status = reinterpret_cast<emulated::DomainStatus*>(
-        active->data() + emulated::ActiveTableStatusOffset(grant_entries));
-    return std::atomic_ref<uint32_t>(status->destroyed).load(std::memory_order_acquire) != 0;
+    auto* page = reinterpret_cast<emulated::DomainStatus*>(status->data());
+    return std::atomic_ref<uint32_t>(page->destroyed).load(std::memory_order_acquire) != 0;
   }
 };
 
@@ -138,9 +218,11 @@ struct MapAccounting {
 
 class EmulatedGrantMapping final : public GrantMapping {
  public:
-  EmulatedGrantMapping(std::shared_ptr<DomainMemory> domain, std::vector<GrantRef> refs,
+  EmulatedGrantMapping(std::shared_ptr<HypervisorClient> hypervisor,
+                       std::shared_ptr<DomainMemory> domain, std::vector<GrantRef> refs,
                        bool writable, std::byte* addr, std::shared_ptr<MapAccounting> accounting)
-      : domain_(std::move(domain)),
+      : hypervisor_(std::move(hypervisor)),
+        domain_(std::move(domain)),
         refs_(std::move(refs)),
         writable_(writable),
         addr_(addr),
@@ -158,13 +240,17 @@ class EmulatedGrantMapping final : public GrantMapping {
     absl::Status status;
     if (::munmap(addr_, size()) != 0) status = ErrnoToStatus(errno, "munmap grant mapping");
     addr_ = nullptr;
-    // Release the pins only once the pages are gone from this process, as Xen does on unmap.
-    for (GrantRef ref : refs_) domain_->access->Unpin(ref, !writable_);
+    // Release the pins only once the pages are gone from this process, as Xen does on unmap. A
+    // destroyed domain's pins were forgotten with it.
+    if (!domain_->destroyed()) {
+      status.Update(hypervisor_->Unpin(domain_->domid, refs_, !writable_));
+    }
     accounting_->mapped_pages.fetch_sub(static_cast<uint32_t>(refs_.size()));
     return status;
   }
 
  private:
+  std::shared_ptr<HypervisorClient> hypervisor_;
   std::shared_ptr<DomainMemory> domain_;
   std::vector<GrantRef> refs_;
   bool writable_;
@@ -199,20 +285,19 @@ class EmulatedGrantTable final : public GrantTable {
     }
     std::shared_ptr<DomainMemory> memory = *domain;
 
-    // Pin every ref first (all-or-nothing), then map the pinned frames.
-    std::vector<uint32_t> frames;
-    frames.reserve(refs.size());
-    for (size_t i = 0; i < refs.size(); ++i) {
-      GrantAccess::PinResult pin = memory->access->Pin(refs[i], self_, !writable);
-      if (pin.status != GNTST_okay) {
-        for (size_t j = 0; j < i; ++j) memory->access->Unpin(refs[j], !writable);
+    // The hypervisor pins every ref (all-or-nothing), then we map the pinned frames.
+    absl::StatusOr<std::vector<uint32_t>> pinned = hypervisor_->Pin(domid, refs, !writable);
+    if (!pinned.ok()) {
+      accounting_->mapped_pages.fetch_sub(count);
+      return pinned.status();
+    }
+    const std::vector<uint32_t>& frames = *pinned;
+    for (uint32_t frame : frames) {
+      if (frame >= memory->pages) {
+        (void)hypervisor_->Unpin(domid, refs, !writable);
         accounting_->mapped_pages.fetch_sub(count);
-        // gntdev reports any failed grant status as EINVAL.
-        return ErrnoToStatus(EINVAL, "grant map d" + std::to_string(domid) + " ref " +
-                                         std::to_string(refs[i]) + ": " +
-                                         GrantAccess::StatusName(pin.status));
+        return absl::DataLossError("emulated hypervisor returned a frame beyond guest memory");
       }
-      frames.push_back(pin.frame);
     }
     size_t bytes = refs.size() * kXenPageSize;
     void* base = ::mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -227,41 +312,64 @@ class EmulatedGrantTable final : public GrantTable {
     }
     if (error != 0) {
       if (base != MAP_FAILED) ::munmap(base, bytes);
-      for (GrantRef ref : refs) memory->access->Unpin(ref, !writable);
+      (void)hypervisor_->Unpin(domid, refs, !writable);
       accounting_->mapped_pages.fetch_sub(count);
       return ErrnoToStatus(error, "mmap granted pages");
     }
     return std::make_unique<EmulatedGrantMapping>(
-        memory, std::vector<GrantRef>(refs.begin(), refs.end()), writable,
+        hypervisor_, memory, std::vector<GrantRef>(refs.begin(), refs.end()), writable,
         static_cast<std::byte*>(base), accounting_);
   }
 
+  // Each segment is pinned by the hypervisor for the copy and unpinned after it. Segments of one
+  // domain and direction are pinned in one call; if that fails, one by one, so that every segment
+  // gets its own status.
   absl::Status Copy(std::span<GrantCopySegment> segments) override {
-    for (GrantCopySegment& segment : segments) {
-      if (segment.local == nullptr || size_t{segment.offset} + segment.len > kXenPageSize) {
-        segment.status = GNTST_bad_copy_arg;
-        continue;
+    std::vector<bool> done(segments.size(), false);
+    for (size_t first = 0; first < segments.size(); ++first) {
+      if (done[first]) continue;
+      const DomainId domid = segments[first].domid;
+      const auto direction = segments[first].direction;
+      std::vector<size_t> group;
+      for (size_t i = first; i < segments.size(); ++i) {
+        if (done[i] || segments[i].domid != domid || segments[i].direction != direction) continue;
+        done[i] = true;
+        GrantCopySegment& segment = segments[i];
+        if (segment.local == nullptr || size_t{segment.offset} + segment.len > kXenPageSize) {
+          segment.status = GNTST_bad_copy_arg;
+          continue;
+        }
+        group.push_back(i);
       }
-      auto domain = GetDomain(segment.domid);
+      if (group.empty()) continue;
+      auto domain = GetDomain(domid);
       if (!domain.ok()) {
-        segment.status = GNTST_bad_domain;
+        for (size_t i : group) segments[i].status = GNTST_bad_domain;
         continue;
       }
-      std::shared_ptr<DomainMemory> memory = *domain;
-      bool readonly = segment.direction == GrantCopySegment::Direction::kFromGrant;
-      GrantAccess::PinResult pin = memory->access->Pin(segment.ref, self_, readonly);
-      if (pin.status != GNTST_okay) {
-        segment.status = pin.status;
+      const bool readonly = direction == GrantCopySegment::Direction::kFromGrant;
+      std::vector<GrantRef> refs;
+      for (size_t i : group) refs.push_back(segments[i].ref);
+      absl::StatusOr<std::vector<uint32_t>> frames = hypervisor_->Pin(domid, refs, readonly);
+      if (frames.ok()) {
+        for (size_t k = 0; k < group.size(); ++k) {
+          CopyOne(**domain, segments[group[k]], (*frames)[k], readonly);
+        }
+        (void)hypervisor_->Unpin(domid, refs, readonly);
         continue;
       }
-      std::byte* page = memory->memory->data() + size_t{pin.frame} * kXenPageSize;
-      if (readonly) {
-        std::memcpy(segment.local, page + segment.offset, segment.len);
-      } else {
-        std::memcpy(page + segment.offset, segment.local, segment.len);
+      for (size_t i : group) {
+        GrantCopySegment& segment = segments[i];
+        int16_t grant_status = GNTST_general_error;
+        absl::StatusOr<std::vector<uint32_t>> frame = hypervisor_->Pin(
+            domid, std::span<const GrantRef>(&segment.ref, 1), readonly, &grant_status);
+        if (!frame.ok()) {
+          segment.status = grant_status;
+          continue;
+        }
+        CopyOne(**domain, segment, (*frame)[0], readonly);
+        (void)hypervisor_->Unpin(domid, std::span<const GrantRef>(&segment.ref, 1), readonly);
       }
-      memory->access->Unpin(segment.ref, readonly);
-      segment.status = GNTST_okay;
     }
     return absl::OkStatus();
   }
@@ -290,8 +398,8 @@ class EmulatedGrantTable final : public GrantTable {
       return ErrnoToStatus(result->reply.error, "domain " + std::to_string(domid) + " memory");
     }
     if (result->fds.size() != 3) {
-      // Only dom0 gets the active table; a guest cannot map grants (it has no business to).
-      return ErrnoToStatus(EPERM, "no active grant table for d" + std::to_string(domid));
+      // Only dom0 gets the status page; a guest cannot map grants (it has no business to).
+      return ErrnoToStatus(EPERM, "no domain status page for d" + std::to_string(domid));
     }
     auto memory = std::make_shared<DomainMemory>();
     memory->domid = domid;
@@ -299,23 +407,29 @@ class EmulatedGrantTable final : public GrantTable {
     memory->grant_entries = result->reply.value1;
     memory->memory_fd = std::move(result->fds[0]);
     size_t memory_bytes = size_t{memory->pages} * kXenPageSize;
-    size_t table_bytes = size_t{memory->grant_entries} * sizeof(grant_entry_v1_t);
-    size_t active_bytes = emulated::ActiveTableSize(memory->grant_entries);
     auto whole = SharedMap::Map(memory->memory_fd.get(), memory_bytes);
-    auto table = SharedMap::Map(result->fds[1].get(), table_bytes);
-    auto active = SharedMap::Map(result->fds[2].get(), active_bytes);
+    auto status = SharedMap::Map(result->fds[2].get(), emulated::kDomainStatusSize);
     if (!whole.ok()) return whole.status();
-    if (!table.ok()) return table.status();
-    if (!active.ok()) return active.status();
+    if (!status.ok()) return status.status();
     memory->memory = std::move(*whole);
-    memory->grant_table = std::move(*table);
-    memory->active = std::move(*active);
-    memory->access = std::make_unique<GrantAccess>(
-        reinterpret_cast<grant_entry_v1_t*>(memory->grant_table->data()),
-        reinterpret_cast<GrantActiveEntry*>(memory->active->data()), memory->grant_entries,
-        memory->pages);
+    memory->status = std::move(*status);
     domains_[domid] = memory;
     return memory;
+  }
+
+  static void CopyOne(const DomainMemory& memory, GrantCopySegment& segment, uint32_t frame,
+                      bool from_grant) {
+    if (frame >= memory.pages) {
+      segment.status = GNTST_bad_page;
+      return;
+    }
+    std::byte* page = memory.memory->data() + size_t{frame} * kXenPageSize;
+    if (from_grant) {
+      std::memcpy(segment.local, page + segment.offset, segment.len);
+    } else {
+      std::memcpy(page + segment.offset, segment.local, segment.len);
+    }
+    segment.status = GNTST_okay;
   }
 
   DomainId self_;

@@ -11,9 +11,15 @@
 // Domain memory, as handed out by kGetDomainMemory (fds in this order):
 //   0: guest memory, `pages` * 4096 bytes; frame numbers are page indexes into it.
 //   1: grant table, `grant_entries` grant_entry_v1_t (xen/grant_table.h), page-rounded.
-//   2: (dom0 only) the hypervisor's active-grant table: `grant_entries` GrantActiveEntry, then at
-//      ActiveTableStatusOffset() a DomainStatus page.
+//   2: (dom0 only) a DomainStatus page (kDomainStatusSize bytes).
 // A guest may only get its own memory (fds 0 and 1).
+//
+// Grant pins (kGrantPin / kGrantUnpin) are made by the hypervisor, as Xen's grant-table hypercalls
+// are: the active-grant table is private to bp-xenhost, and every pin is recorded against the
+// connection that asked for it. When that connection closes (the backend process exited or was
+// killed), its pins are dropped and GTF_reading/GTF_writing cleared where no pin remains, as
+// gntdev unmaps everything of a file when it is released. A connection can only unpin what it
+// pinned itself, so a backend cannot release (or leak into) another process's pins.
 
 #include <cstdint>
 
@@ -34,7 +40,19 @@ enum class HypervisorOp : uint32_t {
   kEvtchnBindInterdomain = 5,
   // arg0 = local port of the caller.
   kEvtchnClose = 6,
+  // dom0 only. domid = granting domain, arg0 = count (1..kMaxGrantBatch), arg1 = kGrantReadonly
+  // or 0; the request datagram continues with `count` uint32_t grant refs (GrantBatchRequest).
+  // All or nothing: on success the reply continues with `count` uint32_t frames (GrantBatchReply);
+  // on a failed grant, error = EINVAL, value0 = index of the ref, value1 = its GNTST_* status
+  // (as int16_t), and nothing stays pinned.
+  kGrantPin = 7,
+  // dom0 only. Same request layout. Every ref must be pinned by this connection with the same
+  // readonly flag (EINVAL otherwise, and nothing is unpinned).
+  kGrantUnpin = 8,
 };
+
+inline constexpr uint32_t kGrantReadonly = 1;
+inline constexpr uint32_t kMaxGrantBatch = 1024;
 
 struct HypervisorRequest {
   uint32_t magic = kProtocolMagic;
@@ -54,9 +72,18 @@ struct HypervisorReply {
 
 inline constexpr int kMaxReplyFds = 3;
 
+struct GrantBatchRequest {
+  HypervisorRequest header;
+  uint32_t refs[kMaxGrantBatch];
+};
+struct GrantBatchReply {
+  HypervisorReply header;
+  uint32_t frames[kMaxGrantBatch];
+};
+
 // Per grant entry, in the active table: what Xen keeps in its private active-grant table. Only
-// the hypervisor and backends see it. `lock` serialises pin/unpin of the entry across processes;
-// the pin counts decide when GTF_reading/GTF_writing are cleared.
+// the hypervisor sees it. `lock` serialises pin/unpin of the entry (GrantAccess is also usable
+// across threads); the pin counts decide when GTF_reading/GTF_writing are cleared.
 struct GrantActiveEntry {
   uint32_t lock;
   uint16_t read_pins;   // read-only pins
@@ -71,11 +98,6 @@ struct DomainStatus {
   uint32_t destroyed;
 };
 
-inline constexpr uint64_t ActiveTableStatusOffset(uint32_t grant_entries) {
-  return (uint64_t{grant_entries} * sizeof(GrantActiveEntry) + 4095) / 4096 * 4096;
-}
-inline constexpr uint64_t ActiveTableSize(uint32_t grant_entries) {
-  return ActiveTableStatusOffset(grant_entries) + 4096;
-}
+inline constexpr uint64_t kDomainStatusSize = 4096;
 
 }  // namespace blockplane::common::xen::emulated

@@ -1,7 +1,8 @@
 #pragma once
 
 // What the hypervisor does when a grant is mapped or copied, over a domain's shared grant table
-// (real grant_entry_v1_t layout and GTF_* flags) and the emulated host's active-grant table.
+// (real grant_entry_v1_t layout and GTF_* flags) and the emulated host's active-grant table. Used
+// by the emulated hypervisor (bp-xenhost), which pins on behalf of backends.
 // Follows Xen's _set_status_v1(): the first pin checks that the entry is GTF_permit_access,
 // granted to the mapping domain and, for a writable pin, not GTF_readonly; GTF_reading (and
 // GTF_writing for writable pins) is set with a cmpxchg on the combined flags+domid word, so a guest

@@ -10,6 +10,7 @@
 #include <unistd.h>
 #include <xen/grant_table.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "common/logging.h"
@@ -20,7 +21,11 @@ namespace blockplane::harness {
 namespace {
 
 using common::UniqueFd;
+using common::xen::GrantAccess;
+using common::xen::GrantRef;
 using common::xen::emulated::GrantActiveEntry;
+using common::xen::emulated::GrantBatchReply;
+using common::xen::emulated::GrantBatchRequest;
 using common::xen::emulated::HypervisorOp;
 using common::xen::emulated::HypervisorReply;
 using common::xen::emulated::HypervisorRequest;
@@ -38,6 +43,10 @@ size_t RoundUpToPage(size_t size) {
 }
 
 }  // namespace
+
+Hypervisor::Grants::~Grants() {
+  if (table) ::munmap(table, table_bytes);
+}
 
 Hypervisor::Hypervisor(PollLoop* loop, std::string run_dir)
     : loop_(loop), run_dir_(std::move(run_dir)) {}
@@ -115,8 +124,17 @@ int Hypervisor::CreateDomain(DomainId domid, uint32_t pages, uint32_t grant_entr
   domain.grant_entries = grant_entries;
   domain.memory = MakeMemfd("guest-memory", size_t{pages} * common::xen::kXenPageSize);
   domain.grant_table = MakeMemfd("grant-table", RoundUpToPage(size_t{grant_entries} * 8));
-  domain.active = MakeMemfd("grant-active", common::xen::emulated::ActiveTableSize(grant_entries));
-  if (!domain.memory || !domain.grant_table || !domain.active) return ENOMEM;
+  domain.status = MakeMemfd("domain-status", common::xen::emulated::kDomainStatusSize);
+  if (!domain.memory || !domain.grant_table || !domain.status) return ENOMEM;
+  domain.grants = std::make_unique<Grants>();
+  domain.grants->table_bytes = RoundUpToPage(size_t{grant_entries} * sizeof(grant_entry_v1_t));
+  void* table = ::mmap(nullptr, domain.grants->table_bytes, PROT_READ | PROT_WRITE, MAP_SHARED,
+                       domain.grant_table.get(), 0);
+  if (table == MAP_FAILED) return ENOMEM;
+  domain.grants->table = table;
+  domain.grants->active.resize(grant_entries);
+  domain.grants->access = std::make_unique<GrantAccess>(
+      static_cast<grant_entry_v1_t*>(table), domain.grants->active.data(), grant_entries, pages);
   if (existing != domains_.end()) domain.ports = std::move(existing->second.ports);
   domains_[domid] = std::move(domain);
   if (absl::Status status = Listen(domid); !status.ok()) {
@@ -137,11 +155,13 @@ int Hypervisor::DestroyDomain(DomainId domid) {
     ::unlink(SocketPath(domid).c_str());
   }
   common::xen::emulated::DomainStatus status{1};
-  if (::pwrite(it->second.active.get(), &status, sizeof(status),
-               static_cast<off_t>(common::xen::emulated::ActiveTableStatusOffset(
-                   it->second.grant_entries))) != sizeof(status)) {
+  if (::pwrite(it->second.status.get(), &status, sizeof(status), 0) != sizeof(status)) {
     BP_LOG(Warning) << "hypervisor: d" << domid
                     << ": cannot mark destroyed: " << std::strerror(errno);
+  }
+  // Pins on its grants are forgotten with it (the pages stay mapped where they are, as on Xen).
+  for (auto& [fd, pins] : pins_) {
+    std::erase_if(pins, [domid](const auto& pin) { return std::get<0>(pin.first) == domid; });
   }
   // Ports of other domains bound to this one become unbound, as when Xen closes the peer.
   for (auto& [other_id, other] : domains_) {
@@ -158,28 +178,127 @@ int Hypervisor::DestroyDomain(DomainId domid) {
 }
 
 void Hypervisor::OnRequest(DomainId domid, int fd) {
-  HypervisorRequest request;
+  auto message = std::make_unique<GrantBatchRequest>();
+  const HypervisorRequest& request = message->header;
   auto received = common::xen::ReceiveWithFds(
-      fd, std::as_writable_bytes(std::span<HypervisorRequest>(&request, 1)), 0);
+      fd, std::as_writable_bytes(std::span<GrantBatchRequest>(message.get(), 1)), 0);
   if (!received.ok() || received->size == 0) {
     DropConnection(fd);
     return;
   }
-  HypervisorReply reply;
+  auto answer = std::make_unique<GrantBatchReply>();
+  HypervisorReply& reply = answer->header;
+  size_t reply_size = sizeof(HypervisorReply);
   std::vector<int> fds;
-  if (received->size != sizeof(request) || received->truncated || request.magic != kProtocolMagic) {
+  const bool grant_op =
+      request.op == HypervisorOp::kGrantPin || request.op == HypervisorOp::kGrantUnpin;
+  const size_t expected =
+      grant_op ? sizeof(HypervisorRequest) +
+                     size_t{std::min(request.arg0, common::xen::emulated::kMaxGrantBatch)} *
+                         sizeof(uint32_t)
+               : sizeof(HypervisorRequest);
+  if (received->size < sizeof(HypervisorRequest) || received->size != expected ||
+      received->truncated || request.magic != kProtocolMagic) {
     reply.error = EINVAL;
+  } else if (grant_op) {
+    if (domid != 0) {
+      reply.error = EPERM;
+    } else if (request.arg0 == 0 || request.arg0 > common::xen::emulated::kMaxGrantBatch) {
+      reply.error = EINVAL;
+    } else if (request.op == HypervisorOp::kGrantPin) {
+      PinGrants(fd, request, std::span<const uint32_t>(message->refs, request.arg0), &reply,
+                std::span<uint32_t>(answer->frames, request.arg0));
+      if (reply.error == 0) reply_size += size_t{request.arg0} * sizeof(uint32_t);
+    } else {
+      UnpinGrants(fd, request, std::span<const uint32_t>(message->refs, request.arg0), &reply);
+    }
   } else {
     Handle(fd, domid, request, &reply, &fds);
   }
-  if (!common::xen::SendWithFds(fd, std::as_bytes(std::span<HypervisorReply>(&reply, 1)), fds)
+  if (!common::xen::SendWithFds(
+           fd, std::as_bytes(std::span<GrantBatchReply>(answer.get(), 1)).first(reply_size), fds)
            .ok()) {
     DropConnection(fd);
   }
 }
 
+void Hypervisor::PinGrants(int fd, const HypervisorRequest& request, std::span<const uint32_t> refs,
+                           HypervisorReply* reply, std::span<uint32_t> frames) {
+  const DomainId granter = static_cast<DomainId>(request.domid);
+  auto it = domains_.find(granter);
+  if (request.domid > 0xffff || it == domains_.end() || !it->second.grants) {
+    reply->error = ESRCH;
+    return;
+  }
+  const bool readonly = (request.arg1 & common::xen::emulated::kGrantReadonly) != 0;
+  GrantAccess& access = *it->second.grants->access;
+  for (size_t i = 0; i < refs.size(); ++i) {
+    GrantAccess::PinResult pin = access.Pin(refs[i], /*mapper=*/0, readonly);
+    if (pin.status != GNTST_okay) {
+      for (size_t j = 0; j < i; ++j) access.Unpin(refs[j], readonly);
+      reply->error = EINVAL;
+      reply->value0 = static_cast<uint32_t>(i);
+      reply->value1 = static_cast<uint32_t>(static_cast<uint16_t>(pin.status));
+      return;
+    }
+    frames[i] = pin.frame;
+  }
+  std::map<PinKey, uint32_t>& mine = pins_[fd];
+  for (uint32_t ref : refs) ++mine[PinKey{granter, ref, readonly}];
+}
+
+void Hypervisor::UnpinGrants(int fd, const HypervisorRequest& request,
+                             std::span<const uint32_t> refs, HypervisorReply* reply) {
+  const DomainId granter = static_cast<DomainId>(request.domid);
+  const bool readonly = (request.arg1 & common::xen::emulated::kGrantReadonly) != 0;
+  auto domain = domains_.find(granter);
+  auto mine = pins_.find(fd);
+  if (request.domid > 0xffff || domain == domains_.end() || !domain->second.grants ||
+      mine == pins_.end()) {
+    reply->error = EINVAL;
+    return;
+  }
+  // Check first (a ref may appear more than once), then release: all or nothing.
+  std::map<PinKey, uint32_t> wanted;
+  for (uint32_t ref : refs) ++wanted[PinKey{granter, ref, readonly}];
+  for (const auto& [key, count] : wanted) {
+    auto held = mine->second.find(key);
+    if (held == mine->second.end() || held->second < count) {
+      reply->error = EINVAL;
+      return;
+    }
+  }
+  for (const auto& [key, count] : wanted) {
+    auto held = mine->second.find(key);
+    for (uint32_t i = 0; i < count; ++i)
+      domain->second.grants->access->Unpin(std::get<1>(key), readonly);
+    held->second -= count;
+    if (held->second == 0) mine->second.erase(held);
+  }
+}
+
+void Hypervisor::DropPins(int fd) {
+  auto mine = pins_.find(fd);
+  if (mine == pins_.end()) return;
+  uint64_t dropped = 0;
+  for (const auto& [key, count] : mine->second) {
+    auto domain = domains_.find(std::get<0>(key));
+    if (domain == domains_.end() || !domain->second.grants) continue;
+    for (uint32_t i = 0; i < count; ++i) {
+      domain->second.grants->access->Unpin(std::get<1>(key), std::get<2>(key));
+    }
+    dropped += count;
+  }
+  pins_.erase(mine);
+  if (dropped > 0) {
+    BP_LOG(Info) << "hypervisor: released " << dropped
+                 << " grant pin(s) of a connection that went away";
+  }
+}
+
 void Hypervisor::DropConnection(int fd) {
   loop_->Remove(fd);
+  DropPins(fd);
   for (auto& [domid, domain] : domains_) {
     std::vector<uint32_t> owned;
     for (const auto& [port, entry] : domain.ports) {
@@ -261,7 +380,7 @@ void Hypervisor::Handle(int fd, DomainId caller, const HypervisorRequest& reques
       reply->value1 = it->second.grant_entries;
       fds->push_back(it->second.memory.get());
       fds->push_back(it->second.grant_table.get());
-      if (caller == 0) fds->push_back(it->second.active.get());
+      if (caller == 0) fds->push_back(it->second.status.get());
       return;
     }
     case HypervisorOp::kEvtchnAllocUnbound: {
@@ -316,6 +435,9 @@ void Hypervisor::Handle(int fd, DomainId caller, const HypervisorRequest& reques
     case HypervisorOp::kEvtchnClose:
       if (!ClosePort(caller, request.arg0)) reply->error = EINVAL;
       return;
+    case HypervisorOp::kGrantPin:
+    case HypervisorOp::kGrantUnpin:
+      break;  // OnRequest handles them (they carry refs)
   }
   reply->error = EINVAL;
 }

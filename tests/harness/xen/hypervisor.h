@@ -1,9 +1,12 @@
 #pragma once
 
 // The emulated hypervisor: per guest domain, guest memory (a memfd of pages; frame = page index),
-// a grant table (grant_entry_v1_t, memfd) and the active-grant table (memfd, dom0 only), plus
-// interdomain event channels as eventfd pairs. Served on SOCK_SEQPACKET sockets with the protocol
-// in common/xen/emulated_protocol.h; the socket a request arrives on names the calling domain.
+// a grant table (grant_entry_v1_t, memfd), a status page (memfd, dom0 only) and the active-grant
+// table (private to this process), plus interdomain event channels as eventfd pairs. Grant pins
+// are made here, on a backend's request, and recorded per connection: a connection that closes
+// (its process died) loses its pins, as gntdev releases a file's mappings. Served on SOCK_SEQPACKET
+// sockets with the protocol in common/xen/emulated_protocol.h; the socket a request arrives on
+// names the calling domain.
 //
 // Threading: everything runs on the PollLoop's thread.
 
@@ -11,11 +14,15 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <span>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "common/unique_fd.h"
 #include "common/xen/emulated_protocol.h"
+#include "common/xen/grant_access.h"
 #include "tests/harness/xen/poll_loop.h"
 #include "tests/harness/xen/xenstore_tree.h"
 
@@ -64,12 +71,24 @@ class Hypervisor {
     // its ports are closed, as the kernel's evtchn driver does when its file is released.
     int owner_fd = -1;
   };
+  // The guest's grant table mapped here and the private active-grant table.
+  struct Grants {
+    Grants() = default;
+    Grants(const Grants&) = delete;
+    Grants& operator=(const Grants&) = delete;
+    ~Grants();
+    void* table = nullptr;
+    size_t table_bytes = 0;
+    std::vector<common::xen::emulated::GrantActiveEntry> active;
+    std::unique_ptr<common::xen::GrantAccess> access;
+  };
   struct Domain {
     uint32_t pages = 0;
     uint32_t grant_entries = 0;
     common::UniqueFd memory;
     common::UniqueFd grant_table;
-    common::UniqueFd active;
+    common::UniqueFd status;  // DomainStatus page
+    std::unique_ptr<Grants> grants;
     common::UniqueFd listener;  // guests only
     std::map<uint32_t, Port> ports;
     uint32_t next_port = 1;
@@ -85,6 +104,14 @@ class Hypervisor {
   void Handle(int fd, DomainId caller, const common::xen::emulated::HypervisorRequest& request,
               common::xen::emulated::HypervisorReply* reply, std::vector<int>* fds);
   Domain& DomainOf(DomainId domid);  // creates dom0's (memory-less) entry on demand
+  // kGrantPin / kGrantUnpin for connection `fd`; `refs` has request.arg0 entries.
+  void PinGrants(int fd, const common::xen::emulated::HypervisorRequest& request,
+                 std::span<const uint32_t> refs, common::xen::emulated::HypervisorReply* reply,
+                 std::span<uint32_t> frames);
+  void UnpinGrants(int fd, const common::xen::emulated::HypervisorRequest& request,
+                   std::span<const uint32_t> refs, common::xen::emulated::HypervisorReply* reply);
+  // Drops every pin connection `fd` holds.
+  void DropPins(int fd);
 
   PollLoop* loop_;
   std::string run_dir_;
@@ -92,6 +119,9 @@ class Hypervisor {
   common::UniqueFd dom0_listener_;
   std::map<DomainId, Domain> domains_;
   std::map<int, common::UniqueFd> connections_;  // fd -> owner
+  // Per connection: (granting domain, ref, readonly) -> pins it holds.
+  using PinKey = std::tuple<DomainId, common::xen::GrantRef, bool>;
+  std::map<int, std::map<PinKey, uint32_t>> pins_;
 };
 
 }  // namespace blockplane::harness

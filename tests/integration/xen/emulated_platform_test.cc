@@ -12,6 +12,7 @@
 #include <unistd.h>
 #include <xen/grant_table.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -448,6 +449,30 @@ class HypervisorSocketTest : public EmulatedPlatformTest {
     request.arg1 = arg1;
     return Call(fd, &request, sizeof(request));
   }
+  // kGrantPin / kGrantUnpin of `refs` granted by kGuest; returns the reply's error.
+  int GrantCall(int fd, common::xen::emulated::HypervisorOp op, std::vector<uint32_t> refs,
+                bool readonly) {
+    common::xen::emulated::GrantBatchRequest request;
+    request.header.op = op;
+    request.header.domid = kGuest;
+    request.header.arg0 = static_cast<uint32_t>(refs.size());
+    request.header.arg1 = readonly ? common::xen::emulated::kGrantReadonly : 0;
+    std::copy(refs.begin(), refs.end(), request.refs);
+    const size_t size = sizeof(request.header) + refs.size() * sizeof(uint32_t);
+    if (send(fd, &request, size, MSG_NOSIGNAL) != static_cast<ssize_t>(size)) return -1;
+    if (!WaitReadable(fd)) return -1;
+    common::xen::emulated::GrantBatchReply reply;
+    if (recv(fd, &reply, sizeof(reply), 0) < static_cast<ssize_t>(sizeof(reply.header))) return -1;
+    return reply.header.error;
+  }
+  // Waits (the host notices a hang-up on its own thread) until `ref`'s in-use flags are `flags`.
+  bool WaitForInUseFlags(GrantRef ref, uint16_t flags) {
+    for (int attempt = 0; attempt < 500; ++attempt) {
+      if ((xen_.guest->EntryFlags(ref) & (GTF_reading | GTF_writing)) == flags) return true;
+      usleep(10000);
+    }
+    return false;
+  }
 };
 
 TEST_F(HypervisorSocketTest, MalformedRequestsGetEinvalAndTheHostSurvives) {
@@ -510,6 +535,56 @@ TEST_F(HypervisorSocketTest, PortsOfAConnectionThatGoesAwayAreClosed) {
   ASSERT_TRUE(rebound.ok()) << rebound.status();
   ASSERT_TRUE((*rebound)->Notify().ok());
   EXPECT_TRUE(WaitReadable((*offered)->ReadinessFd()));
+}
+
+// On Xen, gntdev unmaps everything a process mapped when its file is released (the process died):
+// the pins go and GTF_reading/GTF_writing are cleared where no other mapping needs them. The
+// emulated host records each pin against the connection that made it and does the same when the
+// connection goes away; no connection can release another's pins.
+TEST_F(HypervisorSocketTest, PinsOfAConnectionThatGoesAwayAreReleased) {
+  using common::xen::emulated::HypervisorOp;
+  ASSERT_TRUE(xen_.guest->GrantAccess(3, 0, 5, /*readonly=*/false).ok());
+  ASSERT_TRUE(xen_.guest->GrantAccess(4, 0, 6, /*readonly=*/true).ok());
+  // Another backend process keeps a read-only mapping of ref 3 throughout.
+  auto survivor = xen_.dom0->grant_table().MapOne(kGuest, 3, /*writable=*/false);
+  ASSERT_TRUE(survivor.ok()) << survivor.status();
+
+  common::UniqueFd dying = Connect(xen_.host->HypervisorSocket(0));
+  ASSERT_EQ(GrantCall(dying.get(), HypervisorOp::kGrantPin, {3, 3}, /*readonly=*/false), 0);
+  ASSERT_EQ(GrantCall(dying.get(), HypervisorOp::kGrantPin, {4}, /*readonly=*/true), 0);
+  EXPECT_EQ(xen_.guest->EntryFlags(3) & (GTF_reading | GTF_writing), GTF_reading | GTF_writing);
+  EXPECT_EQ(xen_.guest->EntryFlags(4) & (GTF_reading | GTF_writing), GTF_reading);
+
+  // A third connection cannot release pins it does not hold, nor can the first release more
+  // than it holds or with the other access mode; nothing changes.
+  common::UniqueFd other = Connect(xen_.host->HypervisorSocket(0));
+  EXPECT_EQ(GrantCall(other.get(), HypervisorOp::kGrantUnpin, {3}, false), EINVAL);
+  EXPECT_EQ(GrantCall(other.get(), HypervisorOp::kGrantUnpin, {4}, true), EINVAL);
+  EXPECT_EQ(GrantCall(dying.get(), HypervisorOp::kGrantUnpin, {3, 3, 3}, false), EINVAL);
+  EXPECT_EQ(GrantCall(dying.get(), HypervisorOp::kGrantUnpin, {4}, false), EINVAL);
+  EXPECT_EQ(xen_.guest->EntryFlags(3) & (GTF_reading | GTF_writing), GTF_reading | GTF_writing);
+  EXPECT_FALSE(xen_.guest->EndAccess(4));
+  // Its own pins it may release, one of the two writable ones here.
+  EXPECT_EQ(GrantCall(dying.get(), HypervisorOp::kGrantUnpin, {3}, false), 0);
+  EXPECT_EQ(xen_.guest->EntryFlags(3) & (GTF_reading | GTF_writing), GTF_reading | GTF_writing);
+  // Malformed batches and guests are refused.
+  EXPECT_EQ(GrantCall(other.get(), HypervisorOp::kGrantPin, {}, false), EINVAL);
+  common::xen::emulated::HypervisorRequest lying;  // announces 2 refs, carries none
+  lying.op = HypervisorOp::kGrantPin;
+  lying.domid = kGuest;
+  lying.arg0 = 2;
+  EXPECT_EQ(Call(other.get(), &lying, sizeof(lying)), EINVAL);
+  common::UniqueFd guest_socket = Connect(xen_.host->HypervisorSocket(kGuest));
+  EXPECT_EQ(GrantCall(guest_socket.get(), HypervisorOp::kGrantPin, {3}, true), EPERM);
+
+  dying.Reset();                                   // the process dies holding its pins
+  ASSERT_TRUE(WaitForInUseFlags(3, GTF_reading));  // the survivor's read pin stays
+  ASSERT_TRUE(WaitForInUseFlags(4, 0));
+  EXPECT_TRUE(xen_.guest->EndAccess(4));
+  EXPECT_FALSE(xen_.guest->EndAccess(3));
+  ASSERT_TRUE((*survivor)->Unmap().ok());
+  EXPECT_EQ(xen_.guest->EntryFlags(3) & (GTF_reading | GTF_writing), 0);
+  EXPECT_TRUE(xen_.guest->EndAccess(3));
 }
 
 TEST(HostPlatformTest, FailsClearlyWithoutDevXen) {
