@@ -133,6 +133,14 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Spawn(
       sent.ok() ? common::ReadFrameBlocking(process->control_fd(), process->reader_, 5000)
                 : absl::StatusOr<std::string>(sent);
   internal::WorkerMessage message;
+  // A worker may send events before it reads the Hello (a restarted worker whose frontend is
+  // still connected re-attaches at once and reports it): the Hello reply carries the current
+  // status, so those events are superseded. Bounded: a few events at most, each read waits 5 s.
+  for (int skipped = 0;
+       frame.ok() && message.ParseFromString(*frame) && message.has_event() && skipped < 16;
+       ++skipped) {
+    frame = common::ReadFrameBlocking(process->control_fd(), process->reader_, 5000);
+  }
   if (!frame.ok() || !message.ParseFromString(*frame) || !message.has_response() ||
       message.response().code() != 0) {
     process->Signal(SIGKILL).IgnoreError();
