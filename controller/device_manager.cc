@@ -19,6 +19,7 @@
 #include "controller/validation.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "worker/metrics/stats_segment.h"
+#include "worker/xen/blkif_journal.h"
 
 namespace blockplane::controller {
 namespace {
@@ -156,6 +157,17 @@ internal::WorkerConfig DeviceManager::MakeConfig(const v1::Device& device) const
     BP_LOG(Error) << "device " << device.id() << ": no stats segment, counters will restart with "
                   << "each worker: " << s.message();
   }
+  if (device.spec().has_xen() && !config.xen_platform().empty() &&
+      config.xen_platform() != "none") {
+    // Kept across generations: the next worker answers what a crashed one left unanswered.
+    std::string journal = worker::xen::BlkifJournalPath(options_.state_dir, device.id());
+    if (absl::Status s = worker::xen::PrepareBlkifJournal(journal); s.ok()) {
+      config.set_xen_request_journal(journal);
+    } else {
+      BP_LOG(Error) << "device " << device.id() << ": no request journal, a worker crash may "
+                    << "lose the guest's requests in flight: " << s.message();
+    }
+  }
   return config;
 }
 
@@ -263,6 +275,7 @@ void DeviceManager::RemoveLocked(Entry& entry, const std::string& reason) {
     }
   }
   worker::RemoveStatsSegment(worker::StatsSegmentPath(options_.state_dir, id));
+  worker::xen::RemoveBlkifJournal(worker::xen::BlkifJournalPath(options_.state_dir, id));
   BP_LOG(Info) << "device " << id << ": removed (" << reason << ")";
   v1::Device last = entry.device;
   if (entry.monitor.joinable()) finished_monitors_.push_back(std::move(entry.monitor));

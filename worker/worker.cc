@@ -260,6 +260,18 @@ absl::Status Worker::StartXen() {
         stats_segment_ ? stats_segment_->transport<xen::BlkifCounters>(q) : &own_xen_counters_[q];
   }
   options.counters = xen_counters_;
+  if (!config_.xen_request_journal().empty()) {
+    absl::StatusOr<std::unique_ptr<xen::BlkifJournal>> journal =
+        xen::BlkifJournal::Open(config_.xen_request_journal());
+    if (journal.ok()) {
+      xen_journal_ = std::move(*journal);
+      options.journal = xen_journal_.get();
+    } else {
+      // Serving matters more: without it a crash of this worker may lose the guest's requests.
+      BP_LOG(Error) << journal.status().message()
+                    << "; requests in flight at a crash of this worker will not be answered";
+    }
+  }
   xen::BlkifBackend::Callbacks callbacks;
   callbacks.on_connection_changed = [this](bool connected) { OnFrontendConnection(connected); };
   blkif_ = std::make_unique<xen::BlkifBackend>(loop_.get(), xen_.get(), device_.get(), options,

@@ -104,6 +104,7 @@ class Worker {
   // before the exporter starts; all null when the worker serves no Xen frontend.
   std::array<xen::BlkifCounters, xen::kBlkifMaxQueues> own_xen_counters_;
   std::array<xen::BlkifCounters*, xen::kBlkifMaxQueues> xen_counters_{};
+  std::unique_ptr<xen::BlkifJournal> xen_journal_;
 };
 
 }  // namespace blockplane::worker

@@ -84,6 +84,7 @@ struct BlkifBackend::Pending final : public BlockCompletion {
 
   BlkifBackend* backend = nullptr;
   Queue* queue = nullptr;
+  uint32_t journal_entry = 0;
   uint64_t id = 0;
   uint8_t echo_operation = 0;
   uint8_t data_operation = 0;
@@ -123,6 +124,14 @@ struct BlkifBackend::Queue {
   bool stopped = false;  // broken frontend: no more requests taken
   uint32_t in_flight = 0;
   std::optional<BlkifRequest> held_barrier;  // waits for in-flight requests to finish
+  uint32_t held_barrier_entry = 0;
+  // The request journal of this queue: free entries, entries whose response is written but not
+  // yet pushed, and entries a crashed worker left to replay (replay_next onwards).
+  JournalQueue* journal = nullptr;
+  std::vector<uint32_t> journal_free;
+  std::vector<uint32_t> answered;
+  std::vector<uint32_t> replay;
+  size_t replay_next = 0;
   QueueKick push_kick;
   QueueKick process_kick;
   bool push_scheduled = false;
@@ -159,6 +168,11 @@ BlkifBackend::BlkifBackend(common::EventLoop* loop, common::xen::XenPlatform* pl
   watch_token_ = absl::StrCat("blkback-", options_.frontend_domid, "-", options_.devid);
   for (uint32_t q = 0; q < kBlkifMaxQueues; ++q) {
     counters_[q] = options_.counters[q] ? options_.counters[q] : &own_counters_[q];
+  }
+  journal_ = options_.journal;
+  if (journal_ == nullptr) {
+    own_journal_ = BlkifJournal::InMemory();
+    journal_ = own_journal_.get();
   }
 }
 
@@ -421,25 +435,27 @@ absl::Status BlkifBackend::ConnectRings() {
   ring_page_order_ = static_cast<uint32_t>(*order);
   use_persistent_ = persistent;
   queues_.clear();
+  JournalIdentity identity;
+  identity.frontend_domid = options_.frontend_domid;
+  identity.devid = options_.devid;
+  identity.protocol = static_cast<uint32_t>(protocol_);
+  identity.ring_page_order = ring_page_order_;
+  identity.num_queues = queues;
+  for (uint32_t q = 0; q < queues && q < kJournalMaxQueues; ++q) {
+    identity.ring_refs[q] = refs[size_t{q} * pages];
+    identity.event_channels[q] = ports[q];
+  }
+  // The frontend is still connected to the rings a crashed worker of this device served.
+  const bool resume = journal_->Recorded(identity);
+  std::vector<uint32_t> starts;
   const uint32_t max_segments =
       std::max<uint32_t>(BLKIF_MAX_SEGMENTS_PER_REQUEST, max_indirect_segments_);
   for (uint32_t q = 0; q < queues; ++q) {
     auto queue = std::make_unique<Queue>(this, q);
     std::span<std::byte> bytes =
         rings->bytes().subspan(size_t{q} * pages * kXenPageSize, size_t{pages} * kXenPageSize);
-    // Resume after the last published response (BACK_RING_ATTACH): 0 on a fresh ring, and where
-    // a previous worker of this device stopped if it crashed while the frontend stayed connected
-    // (requests it took but did not answer are taken again). Read once; a bogus value only makes
-    // the ring look overflowed, which stops this queue.
-    const RingIdx start =
-        std::atomic_ref<uint32_t>(
-            *reinterpret_cast<uint32_t*>(bytes.data() + offsetof(blkif_sring, rsp_prod)))
-            .load(std::memory_order_acquire);
-    absl::StatusOr<BlkifBackRing> ring = BlkifBackRing::Attach(
-        protocol_, std::span<uint8_t>(reinterpret_cast<uint8_t*>(bytes.data()), bytes.size()),
-        start);
-    if (!ring.ok()) return ring.status();
-    queue->ring.emplace(std::move(*ring));
+    if (absl::Status s = AttachQueue(*queue, bytes, resume); !s.ok()) return s;
+    starts.push_back(queue->ring->rsp_prod_pvt());
     absl::StatusOr<std::unique_ptr<common::xen::EventChannel>> channel =
         platform_->BindInterdomain(options_.frontend_domid, ports[q]);
     if (!channel.ok()) return channel.status();
@@ -465,10 +481,68 @@ absl::Status BlkifBackend::ConnectRings() {
         });
     queues_.push_back(std::move(queue));
   }
+  if (!resume) journal_->Begin(identity, starts);
+  journal_recording_ = true;
   BP_LOG(Info) << "blkback " << options_.backend_path << ": " << queues << " queue(s), " << pages
                << " ring page(s) each, protocol " << ProtocolName(protocol_)
                << (use_persistent_ ? ", persistent grants" : "")
                << (options_.grant_mode == GrantMode::kCopy ? ", grant copy" : "");
+  return absl::OkStatus();
+}
+
+absl::Status BlkifBackend::AttachQueue(Queue& queue, std::span<std::byte> bytes, bool resume) {
+  // Resume after the last published response (BACK_RING_ATTACH): 0 on a fresh ring, and where a
+  // previous worker of this device stopped if it crashed while the frontend stayed connected.
+  // Read once; a bogus value (the page is guest-writable) at worst makes the journal look
+  // inconsistent (this queue then starts afresh) or the ring look overflowed (it stops).
+  const RingIdx rsp_prod =
+      std::atomic_ref<uint32_t>(
+          *reinterpret_cast<uint32_t*>(bytes.data() + offsetof(blkif_sring, rsp_prod)))
+          .load(std::memory_order_acquire);
+  const std::span<uint8_t> shared(reinterpret_cast<uint8_t*>(bytes.data()), bytes.size());
+  const uint32_t size = RingEntries(protocol_, bytes.size());
+  if (size == 0 || size > kJournalMaxEntries) {
+    return absl::InvalidArgumentError(absl::StrCat("ring of ", size, " entries"));
+  }
+  queue.journal = &journal_->queue(queue.index);
+  queue.journal_free.clear();
+  queue.journal_free.reserve(size);
+  queue.answered.clear();
+  queue.answered.reserve(size);
+  queue.replay.clear();
+  queue.replay_next = 0;
+  uint32_t taken = 0;
+  if (resume) {
+    JournalQueue& jq = *queue.journal;
+    const RingIdx req_cons = jq.req_cons.load(std::memory_order_acquire);
+    QueueRecoveryPlan plan = PlanQueueRecovery(std::span<const JournalEntry>(jq.entries, size),
+                                               size, req_cons, rsp_prod);
+    if (plan.consistent) {
+      // Before anything is published: replayed entries are "taken, no response" again.
+      for (uint32_t entry : plan.replay) BlkifJournal::MarkTaken(jq, entry);
+      for (uint32_t entry : plan.discard) BlkifJournal::Clear(jq, entry);
+      queue.replay = std::move(plan.replay);
+      taken = req_cons - rsp_prod;
+      BP_LOG(Info) << "blkback " << options_.backend_path << ": queue " << queue.index
+                   << " resumed at rsp_prod " << rsp_prod << ", req_cons " << req_cons << ": "
+                   << queue.replay.size() << " request(s) to answer again, " << plan.discard.size()
+                   << " journal entr(ies) already answered or not taken";
+    } else {
+      BP_LOG(Error) << "blkback " << options_.backend_path << ": queue " << queue.index
+                    << ": request journal does not match the ring (req_cons " << req_cons
+                    << ", rsp_prod " << rsp_prod << ", " << plan.replay.size()
+                    << " unanswered); starting it afresh";
+      journal_->ResetQueue(queue.index, rsp_prod);
+    }
+  }
+  absl::StatusOr<BlkifBackRing> ring = BlkifBackRing::Attach(protocol_, shared, rsp_prod, taken);
+  if (!ring.ok()) return ring.status();
+  queue.ring.emplace(std::move(*ring));
+  std::vector<bool> in_use(size, false);
+  for (uint32_t entry : queue.replay) in_use[entry] = true;
+  for (uint32_t entry = size; entry-- > 0;) {
+    if (!in_use[entry]) queue.journal_free.push_back(entry);
+  }
   return absl::OkStatus();
 }
 
@@ -570,6 +644,11 @@ void BlkifBackend::ReleaseQueues() {
     queue->ring.reset();
   }
   queues_.clear();
+  if (journal_recording_) {
+    // A clean disconnect: no request is owed any more.
+    journal_->End();
+    journal_recording_ = false;
+  }
   if (ring_mapping_) {
     const size_t pages = ring_mapping_->refs().size();
     (void)ring_mapping_->Unmap();
@@ -624,6 +703,12 @@ BlkifBackendStats BlkifBackend::Stats() const {
 void BlkifBackend::ProcessQueue(Queue& queue) {
   if (!queue.ring || queue.stopped || disconnecting_ || detaching_ || queue.held_barrier) return;
   uint32_t budget = options_.max_requests_per_pass;
+  // Requests a crashed worker took and did not answer come first.
+  while (budget > 0 && !queue.held_barrier && queue.replay_next < queue.replay.size()) {
+    --budget;
+    TakeJournaled(queue, queue.replay[queue.replay_next++]);
+  }
+  if (queue.replay_next < queue.replay.size()) budget = 0;  // not done: continue next pass
   while (budget > 0 && !queue.held_barrier) {
     absl::StatusOr<uint32_t> available = queue.ring->PollRequests();
     if (!available.ok()) {
@@ -672,23 +757,41 @@ void BlkifBackend::StopQueue(Queue& queue, const absl::Status& why) {
 
 void BlkifBackend::TakeRequest(Queue& queue, std::span<const uint8_t> slot) {
   queue.counters.requests_taken.Add();
-  Parsed<BlkifRequest> parsed = ParseRequest(protocol_, slot, Geometry());
+  if (queue.journal_free.empty()) {
+    // An honest frontend cannot get here: it has at most a ring of requests without a published
+    // response, and entries are freed when responses are published.
+    StopQueue(queue, absl::DataLossError("more requests outstanding than the ring holds"));
+    return;
+  }
+  const uint32_t entry = queue.journal_free.back();
+  queue.journal_free.pop_back();
+  // The single fetch of the slot from guest memory: into the journal, then parsed from there.
+  journal_->Record(*queue.journal, entry, queue.ring->req_cons() - 1, slot);
+  TakeJournaled(queue, entry);
+}
+
+void BlkifBackend::TakeJournaled(Queue& queue, uint32_t entry) {
+  const JournalEntry& recorded = queue.journal->entries[entry];
+  const std::span<const uint8_t> copy(
+      recorded.request, std::min<size_t>(recorded.request_size, kJournalRequestBytes));
+  Parsed<BlkifRequest> parsed = ParseRequest(protocol_, copy, Geometry());
   if (!parsed.ok()) {
-    Refuse(queue, parsed.error());
+    Refuse(queue, parsed.error(), entry);
     return;
   }
   const BlkifRequest& request = parsed.value();
   if (request.operation == BLKIF_OP_WRITE_BARRIER && queue.in_flight > 0) {
     // blkback drains the ring's in-flight I/O before a barrier (xen_blk_drain_io).
     queue.held_barrier = request;
+    queue.held_barrier_entry = entry;
     return;
   }
-  StartRequest(queue, request);
+  StartRequest(queue, request, entry);
 }
 
-void BlkifBackend::Refuse(Queue& queue, const RequestError& error) {
+void BlkifBackend::Refuse(Queue& queue, const RequestError& error, uint32_t entry) {
   queue.counters.invalid[static_cast<size_t>(error.reason)].Add();
-  RespondLater(queue, error.id, error.operation, error.status);
+  RespondLater(queue, error.id, error.operation, error.status, entry);
 }
 
 absl::Status BlkifBackend::MapData(Pending& p, bool writable) {
@@ -847,13 +950,14 @@ void BlkifBackend::BuildCopySegments(Pending& p) {
   }
 }
 
-void BlkifBackend::StartRequest(Queue& queue, const BlkifRequest& request) {
+void BlkifBackend::StartRequest(Queue& queue, const BlkifRequest& request, uint32_t entry) {
   if (queue.free.empty()) {  // cannot happen: one Pending per ring slot
-    RespondLater(queue, request.id, request.data_operation(), BLKIF_RSP_ERROR);
+    RespondLater(queue, request.id, request.data_operation(), BLKIF_RSP_ERROR, entry);
     return;
   }
   Pending& p = *queue.free.back();
   queue.free.pop_back();
+  p.journal_entry = entry;
   p.id = request.id;
   p.echo_operation = request.data_operation();
   p.data_operation = request.data_operation();
@@ -868,7 +972,7 @@ void BlkifBackend::StartRequest(Queue& queue, const BlkifRequest& request) {
   auto fail = [&](int16_t status) {
     ReleaseGrants(p);
     queue.free.push_back(&p);
-    RespondLater(queue, p.id, p.echo_operation, status);
+    RespondLater(queue, p.id, p.echo_operation, status, p.journal_entry);
   };
 
   switch (request.operation) {
@@ -1081,11 +1185,11 @@ void BlkifBackend::Complete(Pending& p, int16_t status) {
   --queue.in_flight;
   in_flight_.Sub();
   queue.free.push_back(&p);
-  RespondLater(queue, p.id, p.echo_operation, status);
+  RespondLater(queue, p.id, p.echo_operation, status, p.journal_entry);
   if (queue.in_flight == 0 && queue.held_barrier && !disconnecting_) {
     BlkifRequest barrier = *queue.held_barrier;
     queue.held_barrier.reset();
-    StartRequest(queue, barrier);
+    StartRequest(queue, barrier, queue.held_barrier_entry);
     if (!queue.process_scheduled) {
       queue.process_scheduled = true;
       loop_->Defer(&queue.process_kick, 0);
@@ -1094,13 +1198,19 @@ void BlkifBackend::Complete(Pending& p, int16_t status) {
   if (disconnecting_) MaybeFinishDisconnect();
 }
 
-void BlkifBackend::RespondLater(Queue& queue, uint64_t id, uint8_t operation, int16_t status) {
+void BlkifBackend::RespondLater(Queue& queue, uint64_t id, uint8_t operation, int16_t status,
+                                uint32_t entry) {
   if (!queue.ring) return;
+  // Before the response lands in the ring: a worker that replaces us after a crash knows from
+  // rsp_prod whether the guest got it (blkif_journal.h).
+  BlkifJournal::MarkAnswered(*queue.journal, entry, queue.ring->rsp_prod_pvt());
   if (absl::Status s = queue.ring->WriteResponse(id, operation, status); !s.ok()) {
+    BlkifJournal::MarkTaken(*queue.journal, entry);
     BP_LOG(Error) << "blkback " << options_.backend_path << ": queue " << queue.index << ": "
                   << s.message();
     return;
   }
+  queue.answered.push_back(entry);
   queue.counters.responses.Add();
   if (!queue.push_scheduled) {
     queue.push_scheduled = true;
@@ -1110,7 +1220,14 @@ void BlkifBackend::RespondLater(Queue& queue, uint64_t id, uint8_t operation, in
 
 void BlkifBackend::PushResponses(Queue& queue) {
   if (!queue.ring) return;
-  if (queue.ring->PushResponsesAndCheckNotify() && queue.channel) {
+  const bool notify = queue.ring->PushResponsesAndCheckNotify();
+  // Published: the guest has these responses; their requests are no longer owed.
+  for (uint32_t entry : queue.answered) {
+    BlkifJournal::Clear(*queue.journal, entry);
+    queue.journal_free.push_back(entry);
+  }
+  queue.answered.clear();
+  if (notify && queue.channel) {
     if (absl::Status s = queue.channel->Notify(); s.ok()) {
       queue.counters.notifications_sent.Add();
     } else {

@@ -20,6 +20,11 @@
 //    suppression, at most one notify per queue per loop pass.
 //  - a frontend that moves req_prod more than a ring ahead breaks only its queue (logged); other
 //    queues and the worker keep going.
+//  - crash recovery: every request taken is recorded in the request journal before it is parsed
+//    and stays there until its response is published. A worker that finds the frontend still
+//    connected to the rings the journal describes resumes each ring after its last published
+//    response (BACK_RING_ATTACH), replays the requests that have no published response, then
+//    takes new ones where the crashed worker stopped. See blkif_journal.h for every crash point.
 //
 // Guest memory is hostile: the ring is read through BlkifBackRing (single fetch of req_prod,
 // overflow check) and requests are parsed from private copies; indirect descriptors are copied
@@ -48,6 +53,7 @@
 #include "common/xen/xen_platform.h"
 #include "common/xen/xenbus.h"
 #include "worker/block/block_device.h"
+#include "worker/xen/blkif_journal.h"
 #include "worker/xen/blkif_request.h"
 #include "worker/xen/blkif_ring.h"
 
@@ -117,6 +123,10 @@ struct BlkifBackendOptions {
   // Where each queue's counters live, by queue index (each outlives the backend); a null entry:
   // inside the backend, from zero.
   std::array<BlkifCounters*, kBlkifMaxQueues> counters{};
+  // The request journal that outlives the worker (blkif_journal.h): with it, a worker that
+  // replaces a crashed one answers every request the crashed one had taken. Null: a private
+  // journal (same data path, nothing survives the process).
+  BlkifJournal* journal = nullptr;
 };
 
 // Counters, summed over the queues (single writer: the loop thread; any reader through Stats()).
@@ -211,8 +221,12 @@ class BlkifBackend {
   void ProcessQueue(Queue& queue);
   void StopQueue(Queue& queue, const absl::Status& why);
   void TakeRequest(Queue& queue, std::span<const uint8_t> slot);
-  void Refuse(Queue& queue, const RequestError& error);
-  void StartRequest(Queue& queue, const BlkifRequest& request);
+  // Parses and starts the request recorded in journal `entry` (taken now, or replayed).
+  void TakeJournaled(Queue& queue, uint32_t entry);
+  // Resumes queue `q` on `bytes` (its ring pages) from the journal, or starts it fresh.
+  absl::Status AttachQueue(Queue& queue, std::span<std::byte> bytes, bool resume);
+  void Refuse(Queue& queue, const RequestError& error, uint32_t entry);
+  void StartRequest(Queue& queue, const BlkifRequest& request, uint32_t entry);
   absl::Status MapData(Pending& pending, bool writable);
   absl::Status MapPersistent(Queue& queue, Pending& pending);
   // Releases unused least-recently-used persistent grants until `pages` more fit under the cap;
@@ -229,7 +243,7 @@ class BlkifBackend {
   void OnStepDone(Pending& pending, int result);
   void Complete(Pending& pending, int16_t status);
   void ReleaseGrants(Pending& pending);
-  void RespondLater(Queue& queue, uint64_t id, uint8_t operation, int16_t status);
+  void RespondLater(Queue& queue, uint64_t id, uint8_t operation, int16_t status, uint32_t entry);
   void PushResponses(Queue& queue);
   void EvictPersistent(Queue& queue, PersistentGrant* grant);
   void UnmapGroup(GrantGroup* group);
@@ -258,6 +272,9 @@ class BlkifBackend {
   std::vector<std::unique_ptr<Queue>> queues_;
   std::shared_ptr<common::xen::GrantMapping> ring_mapping_;  // every queue's ring pages
   uint64_t mapped_pages_ = 0;
+  std::unique_ptr<BlkifJournal> own_journal_;
+  BlkifJournal* journal_ = nullptr;
+  bool journal_recording_ = false;  // journal_ describes the connected rings
 
   // Stats: each queue's counters in options_.counters[q] (or own_counters_[q]), gauges here.
   std::array<BlkifCounters, kBlkifMaxQueues> own_counters_;

@@ -40,7 +40,7 @@ uint32_t RingEntries(Protocol protocol, size_t ring_bytes) {
 }
 
 absl::StatusOr<BlkifBackRing> BlkifBackRing::Attach(Protocol protocol, std::span<uint8_t> shared,
-                                                    RingIdx start) {
+                                                    RingIdx start, uint32_t taken) {
   if (reinterpret_cast<uintptr_t>(shared.data()) % alignof(uint32_t) != 0) {
     return absl::InvalidArgumentError("blkif ring: shared ring is not 4-byte aligned");
   }
@@ -49,18 +49,22 @@ absl::StatusOr<BlkifBackRing> BlkifBackRing::Attach(Protocol protocol, std::span
     return absl::InvalidArgumentError(
         absl::StrCat("blkif ring: ", shared.size(), " bytes hold no ring entry"));
   }
-  return BlkifBackRing(protocol, shared, size, start);
+  if (taken > size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("blkif ring: ", taken, " requests taken on a ring of ", size));
+  }
+  return BlkifBackRing(protocol, shared, size, start, taken);
 }
 
 BlkifBackRing::BlkifBackRing(Protocol protocol, std::span<uint8_t> shared, uint32_t size,
-                             RingIdx start)
+                             RingIdx start, uint32_t taken)
     : protocol_(protocol),
       layout_(LayoutOf(protocol)),
       shared_(shared),
       size_(size),
-      req_cons_(start),
+      req_cons_(start + taken),
       rsp_prod_pvt_(start),
-      req_prod_snapshot_(start),
+      req_prod_snapshot_(start + taken),
       rsp_prod_published_(start) {}
 
 namespace {

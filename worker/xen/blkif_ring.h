@@ -44,9 +44,12 @@ class BlkifBackRing {
   // Attaches to the mapped shared ring `shared` (nr_pages * 4096 bytes; the span must stay valid
   // and mapped for the life of this object). Does not write the shared page (the frontend
   // initialised it). `start` is where req_cons and rsp_prod_pvt begin (BACK_RING_ATTACH): 0 for
-  // a fresh connection. InvalidArgument if the span is not 4-byte aligned or holds no entry.
+  // a fresh connection. `taken` requests after `start` were already taken by an earlier backend
+  // process and are being answered from its journal (blkif_journal.h): req_cons begins at
+  // start + taken. InvalidArgument if the span is not 4-byte aligned or holds no entry, or if
+  // `taken` exceeds the ring.
   static absl::StatusOr<BlkifBackRing> Attach(Protocol protocol, std::span<uint8_t> shared,
-                                              RingIdx start = 0);
+                                              RingIdx start = 0, uint32_t taken = 0);
 
   Protocol protocol() const { return protocol_; }
   uint32_t size() const { return size_; }  // RING_SIZE
@@ -84,7 +87,8 @@ class BlkifBackRing {
   bool FinalCheckForRequests();
 
  private:
-  BlkifBackRing(Protocol protocol, std::span<uint8_t> shared, uint32_t size, RingIdx start);
+  BlkifBackRing(Protocol protocol, std::span<uint8_t> shared, uint32_t size, RingIdx start,
+                uint32_t taken);
 
   uint32_t* SharedWord(size_t offset) const;
   // RING_HAS_UNCONSUMED_REQUESTS, reading req_prod once.

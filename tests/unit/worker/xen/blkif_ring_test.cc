@@ -349,6 +349,31 @@ TEST_P(BlkifRingTest, OutstandingRequestsCountAgainstTheRing) {
   EXPECT_FALSE(ring.PollRequests().ok());
 }
 
+// A worker that replaces a crashed one resumes after the last published response with the
+// requests the journal says were taken: they count as outstanding, new ones follow them.
+TEST_P(BlkifRingTest, AttachWithTakenRequestsResumesAfterThem) {
+  front_.Init(5);
+  for (int i = 0; i < 6; ++i) front_.Queue(i);
+  front_.Push();  // requests 5..10; 5..7 were taken by the crashed worker
+  auto ring = BlkifBackRing::Attach(p(), pages_.span(), 5, 3);
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  EXPECT_EQ(ring->req_cons(), 8u);
+  EXPECT_EQ(ring->rsp_prod_pvt(), 5u);
+  EXPECT_EQ(ring->outstanding(), 3u);
+  ASSERT_EQ(*ring->PollRequests(), 3u);  // only the three not taken yet
+  auto slot = ring->NextRequestSlot();
+  ASSERT_TRUE(slot.has_value());
+  auto parsed = ParseRequest(p(), *slot, kGeometry);
+  ASSERT_TRUE(parsed.ok());
+  EXPECT_EQ(parsed.value().id, 3u);
+  // The three taken earlier are answered (from the journal) at 5, 6, 7.
+  for (uint64_t id : {1u, 0u, 2u}) EXPECT_TRUE(ring->WriteResponse(id, BLKIF_OP_READ, 0).ok());
+  ring->PushResponsesAndCheckNotify();
+  EXPECT_EQ(front_.rsp_prod(), 8u);
+  // More taken than a ring holds is refused.
+  EXPECT_FALSE(BlkifBackRing::Attach(p(), pages_.span(), 5, ring->size() + 1).ok());
+}
+
 TEST_P(BlkifRingTest, ReqProdMovedBackwardsIsBroken) {
   BlkifBackRing ring = Attach();
   for (int i = 0; i < 4; ++i) front_.Queue(i);
