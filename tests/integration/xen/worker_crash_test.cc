@@ -113,7 +113,7 @@ class WorkerCrashTest : public ::testing::Test {
   void RunWithKills(const CrashRun& run) {
     Start(run);
     if (HasFatalFailure()) return;
-    const uint32_t flush_every = 500;
+    const uint32_t flush_every = 50;
     std::vector<std::string> argv = {BP_BLKFRONT_PATH,
                                      "--run-dir",
                                      run_dir_.path(),
