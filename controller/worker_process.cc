@@ -125,34 +125,40 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Spawn(
   std::unique_ptr<WorkerProcess> process(
       new WorkerProcess(pid, std::move(pidfd), std::move(control), true));
   // Nobody else reads the socket yet: run the Hello exchange inline.
-  internal::ControlRequest hello;
-  hello.set_id(process->next_id_++);
-  hello.mutable_hello();
-  absl::Status sent = common::WriteFrame(process->control_fd(), hello);
-  absl::StatusOr<std::string> frame =
-      sent.ok() ? common::ReadFrameBlocking(process->control_fd(), process->reader_, 5000)
-                : absl::StatusOr<std::string>(sent);
-  internal::WorkerMessage message;
-  // A worker may send events before it reads the Hello (a restarted worker whose frontend is
-  // still connected re-attaches at once and reports it): the Hello reply carries the current
-  // status, so those events are superseded. Bounded: a few events at most, each read waits 5 s.
-  for (int skipped = 0;
-       frame.ok() && message.ParseFromString(*frame) && message.has_event() && skipped < 16;
-       ++skipped) {
-    frame = common::ReadFrameBlocking(process->control_fd(), process->reader_, 5000);
-  }
-  if (!frame.ok() || !message.ParseFromString(*frame) || !message.has_response() ||
-      message.response().code() != 0) {
+  absl::StatusOr<internal::ControlResponse> reply = process->ExchangeHello();
+  if (!reply.ok() || reply->code() != 0) {
     process->Signal(SIGKILL).IgnoreError();
     pollfd wait{process->pidfd(), POLLIN, 0};
     ::poll(&wait, 1, 5000);
-    std::string why = frame.ok() ? message.response().message() : frame.status().ToString();
+    std::string why = reply.ok() ? reply->message() : reply.status().ToString();
     return absl::UnavailableError(
         absl::StrCat("worker for ", config.device_id(), " failed to start: ", why,
                      process->Exited() ? absl::StrCat(" (", process->Reap(), ")") : ""));
   }
-  process->initial_status_ = message.response().status();
+  process->initial_status_ = reply->status();
   return process;
+}
+
+absl::StatusOr<internal::ControlResponse> WorkerProcess::ExchangeHello() {
+  internal::ControlRequest hello;
+  hello.set_id(next_id_++);
+  hello.mutable_hello();
+  if (absl::Status sent = common::WriteFrame(control_fd(), hello); !sent.ok()) return sent;
+  // A worker may send events before it reads the Hello (a restarted worker whose frontend is
+  // still connected re-attaches at once and reports it): the Hello reply carries the current
+  // status, so those events are superseded. Bounded: a few events at most, each read waits 5 s.
+  for (int skipped = 0;; ++skipped) {
+    absl::StatusOr<std::string> frame = common::ReadFrameBlocking(control_fd(), reader_, 5000);
+    if (!frame.ok()) return frame.status();
+    internal::WorkerMessage message;
+    if (!message.ParseFromString(*frame)) {
+      return absl::DataLossError("worker sent an undecodable message");
+    }
+    if (message.has_response()) return std::move(*message.mutable_response());
+    if (!message.has_event() || skipped >= 16) {
+      return absl::DataLossError("worker sent no reply to Hello");
+    }
+  }
 }
 
 absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Adopt(
@@ -168,19 +174,12 @@ absl::StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Adopt(
   // pid 0 for "not our child": we cannot wait for it, only watch its pidfd.
   std::unique_ptr<WorkerProcess> process(
       new WorkerProcess(pid, std::move(pidfd), std::move(*control), false));
-  internal::ControlRequest hello;
-  hello.set_id(process->next_id_++);
-  hello.mutable_hello();
-  if (absl::Status s = common::WriteFrame(process->control_fd(), hello); !s.ok()) {
-    return absl::FailedPreconditionError(s.message());
+  absl::StatusOr<internal::ControlResponse> reply = process->ExchangeHello();
+  if (!reply.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("worker did not answer Hello: ", reply.status().message()));
   }
-  absl::StatusOr<std::string> frame =
-      common::ReadFrameBlocking(process->control_fd(), process->reader_, 5000);
-  internal::WorkerMessage message;
-  if (!frame.ok() || !message.ParseFromString(*frame) || !message.has_response()) {
-    return absl::FailedPreconditionError("worker did not answer Hello");
-  }
-  const internal::WorkerStatus& status = message.response().status();
+  const internal::WorkerStatus& status = reply->status();
   // The pidfd was opened before the Hello: if the process answering is `pid` and is still alive,
   // the pidfd refers to it (no pid reuse in between).
   if (status.device_id() != device_id || status.generation() != generation || status.pid() != pid ||

@@ -92,6 +92,9 @@ class WorkerProcess {
  private:
   WorkerProcess(pid_t pid, common::UniqueFd pidfd, common::UniqueFd control, bool child);
   void FailPending(const absl::Status& status);
+  // Sends Hello on the control socket, which nobody else reads yet, and returns the worker's
+  // reply, skipping the events it may send first (superseded by the status in the reply).
+  absl::StatusOr<internal::ControlResponse> ExchangeHello();
 
   const pid_t pid_;
   const common::UniqueFd pidfd_;
