@@ -125,6 +125,8 @@ struct BlkifBackend::Queue {
   uint32_t in_flight = 0;
   std::optional<BlkifRequest> held_barrier;  // waits for in-flight requests to finish
   uint32_t held_barrier_entry = 0;
+  // Where each request is parsed into (ValidateRequestInto), reused: not built per request.
+  BlkifRequest parsed;
   // The request journal of this queue: free entries, entries whose response is written but not
   // yet pushed, and entries a crashed worker left to replay (replay_next onwards).
   JournalQueue* journal = nullptr;
@@ -765,8 +767,11 @@ void BlkifBackend::TakeRequest(Queue& queue, std::span<const uint8_t> slot) {
   }
   const uint32_t entry = queue.journal_free.back();
   queue.journal_free.pop_back();
-  // The single fetch of the slot from guest memory: into the journal, then parsed from there.
+  // The single fetch of the slot from guest memory: into the journal, then parsed from there
+  // (the journal entry is the private copy that is validated and executed). The barrier keeps the
+  // compiler from reading the guest's slot instead of the journal entry after the copy.
   journal_->Record(*queue.journal, entry, queue.ring->req_cons() - 1, slot);
+  std::atomic_signal_fence(std::memory_order_seq_cst);
   TakeJournaled(queue, entry);
 }
 
@@ -774,12 +779,12 @@ void BlkifBackend::TakeJournaled(Queue& queue, uint32_t entry) {
   const JournalEntry& recorded = queue.journal->entries[entry];
   const std::span<const uint8_t> copy(
       recorded.request, std::min<size_t>(recorded.request_size, kJournalRequestBytes));
-  Parsed<BlkifRequest> parsed = ParseRequest(protocol_, copy, Geometry());
-  if (!parsed.ok()) {
-    Refuse(queue, parsed.error(), entry);
+  if (std::optional<RequestError> error =
+          ValidateRequestInto(protocol_, copy, Geometry(), &queue.parsed)) {
+    Refuse(queue, *error, entry);
     return;
   }
-  const BlkifRequest& request = parsed.value();
+  const BlkifRequest& request = queue.parsed;
   if (request.operation == BLKIF_OP_WRITE_BARRIER && queue.in_flight > 0) {
     // blkback drains the ring's in-flight I/O before a barrier (xen_blk_drain_io).
     queue.held_barrier = request;

@@ -12,7 +12,9 @@ namespace {
 // copy in QEMU's blkif_get_x86_*_req and READ_ONCE in blkback.
 inline void CompilerBarrier() { __asm__ __volatile__("" ::: "memory"); }
 
-// The fields of any ABI's request, decoded from the private copy.
+// The fields of any ABI's request, decoded from the private copy. The segment descriptors and
+// indirect grefs are not decoded: they are read straight from the copy (`segments`,
+// `indirect_grefs` point into it), only as many as the request uses.
 struct Decoded {
   uint8_t operation = 0;
   uint64_t id = 0;
@@ -20,7 +22,7 @@ struct Decoded {
   uint8_t nr_segments = 0;
   uint16_t handle = 0;
   uint64_t sector_number = 0;
-  std::array<BlkifSegment, BLKIF_MAX_SEGMENTS_PER_REQUEST> segments{};
+  const uint8_t* segments = nullptr;  // BLKIF_MAX_SEGMENTS_PER_REQUEST blkif_request_segment
   // DISCARD
   uint8_t discard_flag = 0;
   uint16_t discard_handle = 0;
@@ -31,7 +33,7 @@ struct Decoded {
   uint16_t indirect_nr_segments = 0;
   uint16_t indirect_handle = 0;
   uint64_t indirect_sector = 0;
-  std::array<grant_ref_t, BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST> indirect_grefs{};
+  const uint8_t* indirect_grefs = nullptr;  // BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST grant_ref_t
 };
 
 // Decodes one ABI family. `bytes` is the private copy, at least sizeof(Rw) long; the discard and
@@ -63,34 +65,31 @@ Decoded DecodeAs(const uint8_t* bytes) {
       d.indirect_nr_segments = indirect.nr_segments;
       d.indirect_handle = indirect.handle;
       d.indirect_sector = indirect.sector_number;
-      std::copy(std::begin(indirect.indirect_grefs), std::end(indirect.indirect_grefs),
-                d.indirect_grefs.begin());
+      d.indirect_grefs = bytes + offsetof(Indirect, indirect_grefs);
       break;
     }
     default:
       d.nr_segments = rw.nr_segments;
       d.handle = rw.handle;
       d.sector_number = rw.sector_number;
-      for (size_t i = 0; i < d.segments.size(); ++i) {
-        d.segments[i] = {rw.seg[i].gref, rw.seg[i].first_sect, rw.seg[i].last_sect};
-      }
+      d.segments = bytes + offsetof(Rw, seg);
       break;
   }
   return d;
 }
 
-Decoded Decode(const RequestSlotCopy& copy) {
-  switch (copy.protocol) {
+Decoded Decode(Protocol protocol, const uint8_t* bytes) {
+  switch (protocol) {
     case Protocol::kX86_32:
       return DecodeAs<blkif_x86_32_request, blkif_x86_32_request_discard,
-                      blkif_x86_32_request_indirect>(copy.bytes.data());
+                      blkif_x86_32_request_indirect>(bytes);
     case Protocol::kX86_64:
       return DecodeAs<blkif_x86_64_request, blkif_x86_64_request_discard,
-                      blkif_x86_64_request_indirect>(copy.bytes.data());
+                      blkif_x86_64_request_indirect>(bytes);
     case Protocol::kNative:
     default:
       return DecodeAs<struct blkif_request, struct blkif_request_discard,
-                      struct blkif_request_indirect>(copy.bytes.data());
+                      struct blkif_request_indirect>(bytes);
   }
 }
 
@@ -129,18 +128,23 @@ bool RangeInsideDisk(uint64_t sector, uint64_t count, uint64_t disk_sectors) {
 
 // Segment rule of dispatch_rw_block_io: last_sect within the page and first <= last; plus the
 // logical block size alignment of the start and length ("Misaligned I/O request").
-std::optional<InvalidReason> CheckSegment(const BlkifSegment& seg, uint32_t lbs_sectors) {
+// `lbs_mask`: logical block size in sectors minus one (a power of two, see LbsSectors).
+std::optional<InvalidReason> CheckSegment(const BlkifSegment& seg, uint32_t lbs_mask) {
   if (seg.last_sect >= kSectorsPerPage || seg.last_sect < seg.first_sect) {
     return InvalidReason::kBadFirstLastSect;
   }
-  if (seg.first_sect % lbs_sectors != 0 || seg.sectors() % lbs_sectors != 0) {
+  if ((seg.first_sect & lbs_mask) != 0 || (seg.sectors() & lbs_mask) != 0) {
     return InvalidReason::kMisaligned;
   }
   return std::nullopt;
 }
 
-Parsed<BlkifRequest> ValidateDirect(const Decoded& d, const DeviceGeometry& geometry) {
-  const uint32_t lbs_sectors = LbsSectors(geometry);
+// The Validate* functions fill the caller's `request` (which may hold a previous request: every
+// scalar field is written; segments past nr_segments and grefs past indirect.nr_pages are left
+// as they were) or return the error to answer with.
+std::optional<RequestError> ValidateDirect(const Decoded& d, const DeviceGeometry& geometry,
+                                           BlkifRequest& request) {
+  const uint32_t lbs_mask = LbsSectors(geometry) - 1;
   if ((d.operation == BLKIF_OP_FLUSH_DISKCACHE && !geometry.flush_enabled) ||
       (d.operation == BLKIF_OP_WRITE_BARRIER && !geometry.barrier_enabled)) {
     return Refuse(d.id, d.operation, InvalidReason::kNotAdvertised);
@@ -151,20 +155,15 @@ Parsed<BlkifRequest> ValidateDirect(const Decoded& d, const DeviceGeometry& geom
       d.nr_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST) {
     return Refuse(d.id, d.operation, InvalidReason::kBadNrSegments);
   }
-  BlkifRequest request;
-  request.operation = d.operation;
-  request.id = d.id;
-  request.handle = d.handle;
-  request.sector_number = d.sector_number;
-  request.nr_segments = d.nr_segments;
+  // The descriptors in use, from the private copy into the request (same layout), checked there.
+  std::memcpy(request.segments.data(), d.segments, size_t{d.nr_segments} * sizeof(BlkifSegment));
   uint64_t total_sectors = 0;
   for (uint32_t i = 0; i < d.nr_segments; ++i) {
-    const BlkifSegment& seg = d.segments[i];
-    if (auto reason = CheckSegment(seg, lbs_sectors)) return Refuse(d.id, d.operation, *reason);
-    request.segments[i] = seg;
+    const BlkifSegment& seg = request.segments[i];
+    if (auto reason = CheckSegment(seg, lbs_mask)) return Refuse(d.id, d.operation, *reason);
     total_sectors += seg.sectors();  // <= 11 * 8: cannot overflow
   }
-  if (d.nr_segments > 0 && d.sector_number % lbs_sectors != 0) {
+  if (d.nr_segments > 0 && (d.sector_number & lbs_mask) != 0) {
     return Refuse(d.id, d.operation, InvalidReason::kMisaligned);
   }
   // xen_vbd_translate: anything but a read is a write to the vbd (flush and barrier included).
@@ -175,11 +174,20 @@ Parsed<BlkifRequest> ValidateDirect(const Decoded& d, const DeviceGeometry& geom
   if (total_sectors > 0 && !RangeInsideDisk(d.sector_number, total_sectors, geometry.sectors)) {
     return Refuse(d.id, d.operation, InvalidReason::kBadSectorRange);
   }
+  request.operation = d.operation;
+  request.id = d.id;
+  request.handle = d.handle;
+  request.sector_number = d.sector_number;
+  request.nr_segments = d.nr_segments;
+  request.indirect.op = 0;
+  request.indirect.nr_pages = 0;
+  request.discard = {};
   request.transfer_bytes = total_sectors * kSectorSize;
-  return request;
+  return std::nullopt;
 }
 
-Parsed<BlkifRequest> ValidateIndirect(const Decoded& d, const DeviceGeometry& geometry) {
+std::optional<RequestError> ValidateIndirect(const Decoded& d, const DeviceGeometry& geometry,
+                                             BlkifRequest& request) {
   // Responses to an indirect request echo the data operation, as blkback's fail_response does.
   const uint8_t echo = d.indirect_op;
   if (d.indirect_op != BLKIF_OP_READ && d.indirect_op != BLKIF_OP_WRITE) {
@@ -190,7 +198,7 @@ Parsed<BlkifRequest> ValidateIndirect(const Decoded& d, const DeviceGeometry& ge
   if (d.indirect_nr_segments == 0 || d.indirect_nr_segments > max_segments) {
     return Refuse(d.id, echo, InvalidReason::kBadNrSegments);
   }
-  if (d.indirect_sector % LbsSectors(geometry) != 0) {
+  if ((d.indirect_sector & (LbsSectors(geometry) - 1)) != 0) {
     return Refuse(d.id, echo, InvalidReason::kMisaligned);
   }
   if (d.indirect_op == BLKIF_OP_WRITE && geometry.read_only) {
@@ -201,7 +209,6 @@ Parsed<BlkifRequest> ValidateIndirect(const Decoded& d, const DeviceGeometry& ge
   if (!RangeInsideDisk(d.indirect_sector, 1, geometry.sectors)) {
     return Refuse(d.id, echo, InvalidReason::kBadSectorRange);
   }
-  BlkifRequest request;
   request.operation = BLKIF_OP_INDIRECT;
   request.id = d.id;
   request.handle = d.indirect_handle;
@@ -210,11 +217,15 @@ Parsed<BlkifRequest> ValidateIndirect(const Decoded& d, const DeviceGeometry& ge
   request.indirect.op = d.indirect_op;
   request.indirect.nr_pages = static_cast<uint8_t>(
       (d.indirect_nr_segments + kSegmentsPerIndirectPage - 1) / kSegmentsPerIndirectPage);
-  std::copy_n(d.indirect_grefs.begin(), request.indirect.nr_pages, request.indirect.grefs.begin());
-  return request;
+  std::memcpy(request.indirect.grefs.data(), d.indirect_grefs,
+              size_t{request.indirect.nr_pages} * sizeof(grant_ref_t));
+  request.discard = {};
+  request.transfer_bytes = 0;
+  return std::nullopt;
 }
 
-Parsed<BlkifRequest> ValidateDiscard(const Decoded& d, const DeviceGeometry& geometry) {
+std::optional<RequestError> ValidateDiscard(const Decoded& d, const DeviceGeometry& geometry,
+                                            BlkifRequest& request) {
   // Not advertised: "not supported" (blkback answers EOPNOTSUPP when the device cannot discard).
   if (!geometry.discard_enabled) {
     return Refuse(d.id, d.operation, InvalidReason::kNotAdvertised);
@@ -225,15 +236,18 @@ Parsed<BlkifRequest> ValidateDiscard(const Decoded& d, const DeviceGeometry& geo
     return Refuse(d.id, d.operation, InvalidReason::kBadSectorRange);
   }
   // Alignment is not required: the block layer trims a discard to what the backend can do.
-  BlkifRequest request;
   request.operation = BLKIF_OP_DISCARD;
   request.id = d.id;
   request.handle = d.discard_handle;
   request.sector_number = d.discard_sector;
+  request.nr_segments = 0;
+  request.indirect.op = 0;
+  request.indirect.nr_pages = 0;
   request.discard = {.sector = d.discard_sector,
                      .nr_sectors = d.discard_nr_sectors,
                      .secure = (d.discard_flag & BLKIF_DISCARD_SECURE) != 0};
-  return request;
+  request.transfer_bytes = 0;
+  return std::nullopt;
 }
 
 }  // namespace
@@ -273,24 +287,35 @@ RequestSlotCopy CopyRequestSlot(Protocol protocol, std::span<const uint8_t> slot
   return copy;
 }
 
-Parsed<BlkifRequest> ValidateRequest(const RequestSlotCopy& copy, const DeviceGeometry& geometry) {
-  if (copy.size < LayoutOf(copy.protocol).request_size) {
+std::optional<RequestError> ValidateRequestInto(Protocol protocol, std::span<const uint8_t> copy,
+                                                const DeviceGeometry& geometry, BlkifRequest* out) {
+  if (copy.size() < LayoutOf(protocol).request_size) {
     return Refuse(0, 0, InvalidReason::kShortSlot);
   }
-  const Decoded d = Decode(copy);
+  const Decoded d = Decode(protocol, copy.data());
   switch (d.operation) {
     case BLKIF_OP_READ:
     case BLKIF_OP_WRITE:
     case BLKIF_OP_WRITE_BARRIER:
     case BLKIF_OP_FLUSH_DISKCACHE:
-      return ValidateDirect(d, geometry);
+      return ValidateDirect(d, geometry, *out);
     case BLKIF_OP_INDIRECT:
-      return ValidateIndirect(d, geometry);
+      return ValidateIndirect(d, geometry, *out);
     case BLKIF_OP_DISCARD:
-      return ValidateDiscard(d, geometry);
+      return ValidateDiscard(d, geometry, *out);
     default:  // including BLKIF_OP_RESERVED_1
       return Refuse(d.id, d.operation, InvalidReason::kUnknownOperation);
   }
+}
+
+Parsed<BlkifRequest> ValidateRequest(const RequestSlotCopy& copy, const DeviceGeometry& geometry) {
+  BlkifRequest request;
+  if (std::optional<RequestError> error =
+          ValidateRequestInto(copy.protocol, std::span<const uint8_t>(copy.bytes.data(), copy.size),
+                              geometry, &request)) {
+    return *error;
+  }
+  return request;
 }
 
 Parsed<BlkifRequest> ParseRequest(Protocol protocol, std::span<const uint8_t> slot,
@@ -313,10 +338,10 @@ Parsed<IndirectSegments> ParseIndirectSegments(const BlkifRequest& request,
               size_t{count} * sizeof(struct blkif_request_segment));
   CompilerBarrier();
 
-  const uint32_t lbs_sectors = LbsSectors(geometry);
+  const uint32_t lbs_mask = LbsSectors(geometry) - 1;
   uint64_t total_sectors = 0;
   for (uint32_t i = 0; i < count; ++i) {
-    if (auto reason = CheckSegment(segments_out[i], lbs_sectors)) {
+    if (auto reason = CheckSegment(segments_out[i], lbs_mask)) {
       return Refuse(request.id, echo, *reason);
     }
     total_sectors += segments_out[i].sectors();  // <= 4096 * 8: cannot overflow

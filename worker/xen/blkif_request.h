@@ -19,6 +19,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string_view>
 #include <utility>
@@ -152,7 +153,18 @@ RequestSlotCopy CopyRequestSlot(Protocol protocol, std::span<const uint8_t> slot
 // Step 2: decode and validate the private copy.
 Parsed<BlkifRequest> ValidateRequest(const RequestSlotCopy& copy, const DeviceGeometry& geometry);
 
-// CopyRequestSlot + ValidateRequest: what the ring loop calls for each slot.
+// ValidateRequest for the data path, over bytes that are already a private copy of the slot (the
+// blkif journal entry the backend copied the slot into: its one fetch from guest memory), so
+// nothing is copied again. The caller must make sure that the compiler cannot satisfy reads of
+// `copy` from the guest's slot (a compiler barrier after its copy; this function is not inline).
+// Writes the request into `*out`, a caller-owned object reused from request to request (no
+// per-request construction): every scalar field is written; `segments` past nr_segments and
+// `indirect.grefs` past nr_pages keep whatever they held. On error returns the answer owed to
+// the guest and leaves `*out` unspecified. Same checks and results as ValidateRequest.
+std::optional<RequestError> ValidateRequestInto(Protocol protocol, std::span<const uint8_t> copy,
+                                                const DeviceGeometry& geometry, BlkifRequest* out);
+
+// CopyRequestSlot + ValidateRequest: one slot straight from shared memory (tests, fuzzing).
 Parsed<BlkifRequest> ParseRequest(Protocol protocol, std::span<const uint8_t> slot,
                                   const DeviceGeometry& geometry);
 
