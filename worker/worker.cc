@@ -191,6 +191,7 @@ DeviceMetricsSnapshot Worker::MetricsSnapshot() const {
       t.persistent_hits = x->persistent_hits.Get();
       t.persistent_misses = x->persistent_misses.Get();
       t.persistent_evictions = x->persistent_evictions.Get();
+      t.requests_replayed = x->requests_replayed.Get();
     }
   }
   return s;

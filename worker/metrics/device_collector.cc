@@ -62,6 +62,10 @@ constexpr TransportCounter kGrantCounters[] = {
      &TransportMetricsSnapshot::persistent_misses},
     {"blockplane_xen_persistent_grant_evictions_total", "Persistent grants unmapped to make room.",
      &TransportMetricsSnapshot::persistent_evictions},
+    {"blockplane_xen_ring_requests_replayed_total",
+     "Requests a killed worker had taken and not answered, answered again by the next worker "
+     "from the request journal.",
+     &TransportMetricsSnapshot::requests_replayed},
 };
 
 void AddTransport(const std::vector<TransportMetricsSnapshot>& queues,

@@ -28,6 +28,7 @@ struct TransportMetricsSnapshot {
   uint64_t grant_maps = 0, grant_map_failures = 0, grant_unmaps = 0, grant_copies = 0;
   uint64_t grant_copy_failures = 0;
   uint64_t persistent_hits = 0, persistent_misses = 0, persistent_evictions = 0;
+  uint64_t requests_replayed = 0;  // answered again from the request journal after a crash
 
   // Whether any counter is above zero (the queue exists, or existed: a queue that connected has
   // mapped its ring, which grant_maps counts).

@@ -524,6 +524,7 @@ absl::Status BlkifBackend::AttachQueue(Queue& queue, std::span<std::byte> bytes,
       for (uint32_t entry : plan.replay) BlkifJournal::MarkTaken(jq, entry);
       for (uint32_t entry : plan.discard) BlkifJournal::Clear(jq, entry);
       queue.replay = std::move(plan.replay);
+      queue.counters.requests_replayed.Add(queue.replay.size());
       taken = req_cons - rsp_prod;
       BP_LOG(Info) << "blkback " << options_.backend_path << ": queue " << queue.index
                    << " resumed at rsp_prod " << rsp_prod << ", req_cons " << req_cons << ": "

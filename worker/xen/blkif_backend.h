@@ -91,6 +91,9 @@ struct BlkifCounters {
   std::array<BlkifCounter, kInvalidReasonCount> invalid;
   BlkifCounter grant_maps, grant_map_failures, grant_unmaps, grant_copies, grant_copy_failures;
   BlkifCounter persistent_hits, persistent_misses, persistent_evictions;
+  // Requests a crashed worker had taken and not answered, answered again by the next one from
+  // the request journal (blkif_journal.h). Appended: the transport area keeps its size.
+  BlkifCounter requests_replayed;
 };
 static_assert(std::is_standard_layout_v<BlkifCounters>);
 

@@ -6,7 +6,9 @@
 // a clean disconnect (no grant left mapped: the emulated hypervisor released the dead worker's
 // pins, as gntdev does).
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -26,6 +28,8 @@
 #include "gtest/gtest.h"
 #include "tests/harness/xen/test_support.h"
 #include "tests/integration/controller/fixture.h"
+#include "worker/metrics/stats_segment.h"
+#include "worker/xen/blkif_backend.h"
 #include "worker/xen/blkif_journal.h"
 
 namespace blockplane::xen_e2e {
@@ -52,6 +56,24 @@ int64_t JsonNumber(const std::string& json, const std::string& key) {
   size_t at = json.find(key);
   if (at == std::string::npos) return -1;
   return std::strtoll(json.c_str() + at + key.size(), nullptr, 10);
+}
+
+// The sum over queues of the blkif requests_replayed counter in the device's stats segment
+// (read-only mapping; the counters outlive every worker generation); -1 if it cannot be read.
+int64_t ReplayedInStatsSegment(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  void* map = ::mmap(nullptr, sizeof(worker::StatsSegmentLayout), PROT_READ, MAP_SHARED, fd, 0);
+  ::close(fd);
+  if (map == MAP_FAILED) return -1;
+  const auto* layout = static_cast<const worker::StatsSegmentLayout*>(map);
+  int64_t sum = 0;
+  for (const worker::StatsSegmentQueueCounters& queue : layout->transport) {
+    sum += static_cast<int64_t>(
+        reinterpret_cast<const worker::xen::BlkifCounters*>(queue.data())->requests_replayed.Get());
+  }
+  ::munmap(map, sizeof(worker::StatsSegmentLayout));
+  return sum;
 }
 
 struct CrashRun {
@@ -216,6 +238,10 @@ class WorkerCrashTest : public ::testing::Test {
     }
     std::printf("%d kill(s), %lld request(s) answered again from the journal\n", kills,
                 static_cast<long long>(replayed));
+    // The per-queue counter (blockplane_xen_ring_requests_replayed_total) counts exactly what the
+    // logs announced, summed over the generations (the segment survives them).
+    EXPECT_EQ(ReplayedInStatsSegment(worker::StatsSegmentPath(controller_->state_dir(), "xd0")),
+              replayed);
     EXPECT_THAT(log, Not(HasSubstr("request journal does not match")));
 
     // The journal lives next to the stats segment until the device is detached.

@@ -39,6 +39,7 @@ DeviceMetricsSnapshot Snapshot() {
   t.ring_full_stalls = 2;
   t.invalid = {{"misaligned", 5}, {"bad_discard", 0}};
   t.persistent_hits = 9;
+  t.requests_replayed = 7;
   return s;
 }
 
@@ -82,6 +83,10 @@ TEST(DeviceCollectorTest, HistogramIsCumulativeWithTheBlockLayersBounds) {
   EXPECT_NE(
       text.find(
           R"(blockplane_xen_persistent_grant_hits_total{device="dev0",frontend="xen",queue="0"} 9)"),
+      std::string::npos);
+  EXPECT_NE(
+      text.find(
+          R"(blockplane_xen_ring_requests_replayed_total{device="dev0",frontend="xen",queue="0"} 7)"),
       std::string::npos);
   // Queue 0 alone counted: no series of the 15 others.
   EXPECT_EQ(text.find(R"(queue="1")"), std::string::npos);
