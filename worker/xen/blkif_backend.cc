@@ -63,6 +63,10 @@ struct BlkifBackend::PersistentGrant {
   std::shared_ptr<GrantGroup> group;
   uint32_t users = 0;  // in-flight requests using the page
   std::list<GrantRef>::iterator lru;
+  // Queue::lru_clock when last used, and when last put at the front of Queue::lru. A hit only
+  // stamps `used`; the list is reordered when room is needed (MakeRoomForPersistent).
+  uint64_t used = 0;
+  uint64_t listed = 0;
 };
 
 // Runs PushResponses or ProcessQueue for one queue on a later pass (EventLoop::Defer).
@@ -144,7 +148,9 @@ struct BlkifBackend::Queue {
   std::vector<std::unique_ptr<Pending>> pool;
   std::vector<Pending*> free;
   std::unordered_map<GrantRef, PersistentGrant> persistent;
-  std::list<GrantRef> lru;  // front: most recently used
+  // Front: most recently put there (a new grant, or one given a second chance on eviction).
+  std::list<GrantRef> lru;
+  uint64_t lru_clock = 0;  // stamps PersistentGrant::used / listed
 };
 
 void BlkifBackend::QueueKick::OnCompletion(int32_t, uint32_t) {
@@ -825,7 +831,7 @@ absl::Status BlkifBackend::MapPersistent(Queue& queue, Pending& p) {
       queue.counters.persistent_hits.Add();
       PersistentGrant& grant = it->second;
       ++grant.users;
-      queue.lru.splice(queue.lru.begin(), queue.lru, grant.lru);
+      grant.used = ++queue.lru_clock;
       p.persistent_used.push_back(&grant);
       p.pages[i] = grant.page;
     } else {
@@ -868,6 +874,7 @@ absl::Status BlkifBackend::MapPersistent(Queue& queue, Pending& p) {
       grant.users = 1;
       queue.lru.push_front(grant.ref);
       grant.lru = queue.lru.begin();
+      grant.used = grant.listed = ++queue.lru_clock;
       p.persistent_used.push_back(&grant);
       persistent_mapped_.Add();
     }
@@ -881,9 +888,20 @@ absl::Status BlkifBackend::MapPersistent(Queue& queue, Pending& p) {
 bool BlkifBackend::MakeRoomForPersistent(Queue& queue, size_t pages) {
   const size_t cap = options_.max_persistent_grants;
   auto victim = queue.lru.end();
+  // From the back (longest at its place). A grant used since it was put there gets a second
+  // chance at the front instead (hits do not move list nodes: see PersistentGrant::used); it is
+  // looked at again only after every other grant. Each grant moves at most once per call.
   while (queue.persistent.size() + pages > cap && victim != queue.lru.begin()) {
     --victim;
     PersistentGrant& grant = queue.persistent.find(*victim)->second;
+    if (grant.used != grant.listed) {
+      auto next = victim;
+      ++next;
+      grant.listed = grant.used;
+      queue.lru.splice(queue.lru.begin(), queue.lru, victim);
+      victim = next;
+      continue;
+    }
     if (grant.users != 0) continue;
     auto next = victim;
     ++next;
@@ -897,7 +915,7 @@ absl::StatusOr<const std::byte*> BlkifBackend::IndirectPagePersistent(
     Queue& queue, GrantRef ref, std::unique_ptr<GrantMapping>* temporary) {
   if (auto it = queue.persistent.find(ref); it != queue.persistent.end()) {
     queue.counters.persistent_hits.Add();
-    queue.lru.splice(queue.lru.begin(), queue.lru, it->second.lru);
+    it->second.used = ++queue.lru_clock;
     return it->second.page;
   }
   queue.counters.persistent_misses.Add();
@@ -920,6 +938,7 @@ absl::StatusOr<const std::byte*> BlkifBackend::IndirectPagePersistent(
   grant.users = 0;
   queue.lru.push_front(ref);
   grant.lru = queue.lru.begin();
+  grant.used = grant.listed = ++queue.lru_clock;
   persistent_mapped_.Add();
   return grant.page;
 }

@@ -14,7 +14,7 @@
 //  - data path, per queue: a bounded batch of requests per pass, each copied out of the ring once
 //    and validated by the pure parser (blkif_request.h); an invalid request is answered (ERROR or
 //    EOPNOTSUPP) and counted by reason. Data grants are mapped in one batched map per request, or
-//    kept mapped in a per-queue persistent-grant cache (LRU, capped like blkback's
+//    kept mapped in a per-queue persistent-grant cache (LRU by second chance, capped like blkback's
 //    max_persistent_grants), or copied with grant copy (GrantMode::kCopy, like QEMU). Requests go
 //    to BlockDevice; completions become responses; responses are pushed with notification
 //    suppression, at most one notify per queue per loop pass.
