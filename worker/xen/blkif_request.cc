@@ -156,10 +156,12 @@ std::optional<RequestError> ValidateDirect(const Decoded& d, const DeviceGeometr
     return Refuse(d.id, d.operation, InvalidReason::kBadNrSegments);
   }
   // The descriptors in use, from the private copy into the request (same layout), checked there.
-  std::memcpy(request.segments.data(), d.segments, size_t{d.nr_segments} * sizeof(BlkifSegment));
+  // One fixed-size copy each (a single load and store; a variable-length memcpy of the whole
+  // array compiles to a slow-starting rep movs).
   uint64_t total_sectors = 0;
   for (uint32_t i = 0; i < d.nr_segments; ++i) {
-    const BlkifSegment& seg = request.segments[i];
+    BlkifSegment& seg = request.segments[i];
+    std::memcpy(&seg, d.segments + size_t{i} * sizeof(BlkifSegment), sizeof(BlkifSegment));
     if (auto reason = CheckSegment(seg, lbs_mask)) return Refuse(d.id, d.operation, *reason);
     total_sectors += seg.sectors();  // <= 11 * 8: cannot overflow
   }
