@@ -131,6 +131,9 @@ struct BlkifBackend::Queue {
   uint32_t held_barrier_entry = 0;
   // Where each request is parsed into (ValidateRequestInto), reused: not built per request.
   BlkifRequest parsed;
+  // Geometry() as of the start of the current ProcessQueue pass (it changes only between passes:
+  // resize, discard withdrawn on a completion), instead of asking the device per request.
+  DeviceGeometry geometry;
   // The request journal of this queue: free entries, entries whose response is written but not
   // yet pushed, and entries a crashed worker left to replay (replay_next onwards).
   JournalQueue* journal = nullptr;
@@ -712,6 +715,7 @@ BlkifBackendStats BlkifBackend::Stats() const {
 void BlkifBackend::ProcessQueue(Queue& queue) {
   if (!queue.ring || queue.stopped || disconnecting_ || detaching_ || queue.held_barrier) return;
   uint32_t budget = options_.max_requests_per_pass;
+  queue.geometry = Geometry();
   // Requests a crashed worker took and did not answer come first.
   while (budget > 0 && !queue.held_barrier && queue.replay_next < queue.replay.size()) {
     --budget;
@@ -787,7 +791,7 @@ void BlkifBackend::TakeJournaled(Queue& queue, uint32_t entry) {
   const std::span<const uint8_t> copy(
       recorded.request, std::min<size_t>(recorded.request_size, kJournalRequestBytes));
   if (std::optional<RequestError> error =
-          ValidateRequestInto(protocol_, copy, Geometry(), &queue.parsed)) {
+          ValidateRequestInto(protocol_, copy, queue.geometry, &queue.parsed)) {
     Refuse(queue, *error, entry);
     return;
   }
