@@ -30,6 +30,7 @@
 #include "tests/harness/xen/guest_domain.h"
 #include "tests/harness/xen/test_support.h"
 #include "tests/integration/controller/fixture.h"
+#include "tests/integration/xen/xen_e2e_fixture.h"
 #include "worker/xen/blkif_abi.h"
 
 extern char** environ;
@@ -37,31 +38,14 @@ extern char** environ;
 namespace blockplane::xen_e2e {
 namespace {
 
-using harness::Blkfront;
-using harness::BlkfrontCompletion;
-using harness::BlkfrontOp;
-using harness::BlkfrontOptions;
-using harness::GuestDomain;
 using harness::GuestIo;
 using harness::RawBlkifRequest;
-using harness::TempDir;
 using ::testing::HasSubstr;
 
-constexpr common::xen::DomainId kGuest = 5;
-constexpr uint32_t kDevid = 51712;  // xvda
 constexpr uint32_t kGuestPages = 8192;
 constexpr uint32_t kGuestGrants = 8192;
-constexpr size_t kPage = 4096;
-constexpr uint32_t kSectorsPerPage = 8;
 constexpr uint32_t kSlotPages = 32;  // the largest request: indirect, 32 segments
 constexpr uint64_t kDiskSize = 64ull << 20;
-
-std::string ReadWholeFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 std::vector<uint8_t> Pattern(uint64_t sector, uint32_t pages, uint32_t seed) {
   std::vector<uint8_t> data(size_t{pages} * kPage);
@@ -83,45 +67,15 @@ std::vector<uint8_t> ReadFileRange(const std::string& path, uint64_t offset, siz
   return out;
 }
 
-class XenBackendE2eTest : public ::testing::Test {
+class XenBackendE2eTest : public XenE2eTest {
  protected:
-  void TearDown() override {
-    blkfront_.reset();
-    controller_.reset();  // kills the workers
-    guest_.reset();
-    guest_platform_.reset();
-    dom0_.reset();
-    if (xenhost_pid_ > 0) {
-      kill(xenhost_pid_, SIGTERM);
-      int status = 0;
-      waitpid(xenhost_pid_, &status, 0);
-    }
-  }
-
-  void StartXenHost() {
-    absl::StatusOr<pid_t> pid =
-        harness::SpawnXenHost(BP_XENHOST_PATH, run_dir_.path(),
-                              std::to_string(kGuest) + ":" + std::to_string(kGuestPages) + ":" +
-                                  std::to_string(kGuestGrants));
-    ASSERT_TRUE(pid.ok()) << pid.status();
-    xenhost_pid_ = *pid;
-  }
-
   // bp-xenhost, blockplaned --xen-platform=emulated, the guest's handles.
   void StartAll(std::vector<std::string> extra_flags = {}) {
-    StartXenHost();
+    StartXenHost(kGuest, kGuestPages, kGuestGrants);
     if (HasFatalFailure()) return;
-    std::vector<std::string> flags = {"--xen-platform=emulated",
-                                      "--xen-run-dir=" + run_dir_.path()};
-    flags.insert(flags.end(), extra_flags.begin(), extra_flags.end());
-    controller_ = std::make_unique<testing::ControllerProcess>(flags);
-    controller_->Start();
-    auto guest = GuestDomain::Connect(run_dir_.path(), kGuest);
-    ASSERT_TRUE(guest.ok()) << guest.status();
-    guest_ = std::move(*guest);
-    auto platform = common::xen::CreateEmulatedXenPlatform({run_dir_.path(), kGuest});
-    ASSERT_TRUE(platform.ok()) << platform.status();
-    guest_platform_ = std::move(*platform);
+    StartController(extra_flags);
+    ConnectGuest(kGuest);
+    if (HasFatalFailure()) return;
     auto dom0 = common::xen::CreateEmulatedXenPlatform({run_dir_.path(), 0});
     ASSERT_TRUE(dom0.ok()) << dom0.status();
     dom0_ = std::move(*dom0);
@@ -297,14 +251,7 @@ class XenBackendE2eTest : public ::testing::Test {
     return result.out;
   }
 
-  TempDir run_dir_;
-  pid_t xenhost_pid_ = -1;
-  std::unique_ptr<testing::ControllerProcess> controller_;
-  std::unique_ptr<GuestDomain> guest_;
-  std::unique_ptr<common::xen::XenPlatform> guest_platform_;
-  std::unique_ptr<common::xen::XenPlatform> dom0_;
   std::string disk_path_;
-  std::unique_ptr<Blkfront> blkfront_;
 };
 
 // Stops and joins a load thread also when an ASSERT leaves the test early.

@@ -21,63 +21,25 @@
 #include "tests/harness/xen/guest_domain.h"
 #include "tests/harness/xen/test_support.h"
 #include "tests/integration/controller/fixture.h"
+#include "tests/integration/xen/xen_e2e_fixture.h"
 #include "worker/xen/blkif_abi.h"
 
 namespace blockplane::xen_e2e {
 namespace {
 
-using harness::Blkfront;
-using harness::BlkfrontCompletion;
-using harness::BlkfrontOp;
-using harness::BlkfrontOptions;
-using harness::GuestDomain;
-using harness::TempDir;
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-constexpr common::xen::DomainId kGuest = 5;
-constexpr uint32_t kDevid = 51712;  // xvda
 constexpr uint32_t kGuestPages = 8192;
-constexpr size_t kPage = 4096;
-constexpr uint32_t kSectorsPerPage = 8;
 constexpr uint64_t kSize = 64ull << 20;
 
-std::string ReadWholeFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-class NullBackendTest : public ::testing::Test {
+class NullBackendTest : public XenE2eTest {
  protected:
   void SetUp() override {
-    absl::StatusOr<pid_t> pid =
-        harness::SpawnXenHost(BP_XENHOST_PATH, run_dir_.path(),
-                              std::to_string(kGuest) + ":" + std::to_string(kGuestPages) + ":8192");
-    ASSERT_TRUE(pid.ok()) << pid.status();
-    xenhost_pid_ = *pid;
-    controller_ = std::make_unique<testing::ControllerProcess>(
-        std::vector<std::string>{"--xen-platform=emulated", "--xen-run-dir=" + run_dir_.path()});
-    controller_->Start();
-    auto guest = GuestDomain::Connect(run_dir_.path(), kGuest);
-    ASSERT_TRUE(guest.ok()) << guest.status();
-    guest_ = std::move(*guest);
-    auto platform = common::xen::CreateEmulatedXenPlatform({run_dir_.path(), kGuest});
-    ASSERT_TRUE(platform.ok()) << platform.status();
-    guest_platform_ = std::move(*platform);
-  }
-
-  void TearDown() override {
-    blkfront_.reset();
-    controller_.reset();  // kills the workers
-    guest_.reset();
-    guest_platform_.reset();
-    if (xenhost_pid_ > 0) {
-      kill(xenhost_pid_, SIGTERM);
-      int status = 0;
-      waitpid(xenhost_pid_, &status, 0);
-    }
+    StartXenHost(kGuest, kGuestPages, 8192);
+    if (HasFatalFailure()) return;
+    StartController();
+    ConnectGuest(kGuest);
   }
 
   // bpctl attach xd0 --null-size 64M [flags] --xen-domid 5 --xen-vdev xvda.
@@ -160,12 +122,6 @@ class NullBackendTest : public ::testing::Test {
     return read;
   }
 
-  TempDir run_dir_;
-  pid_t xenhost_pid_ = -1;
-  std::unique_ptr<testing::ControllerProcess> controller_;
-  std::unique_ptr<GuestDomain> guest_;
-  std::unique_ptr<common::xen::XenPlatform> guest_platform_;
-  std::unique_ptr<Blkfront> blkfront_;
   std::vector<uint8_t> written_;
 };
 

@@ -28,6 +28,7 @@
 #include "gtest/gtest.h"
 #include "tests/harness/xen/test_support.h"
 #include "tests/integration/controller/fixture.h"
+#include "tests/integration/xen/xen_e2e_fixture.h"
 #include "worker/metrics/stats_segment.h"
 #include "worker/xen/blkif_backend.h"
 #include "worker/xen/blkif_journal.h"
@@ -35,28 +36,12 @@
 namespace blockplane::xen_e2e {
 namespace {
 
-using harness::TempDir;
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-constexpr uint32_t kGuest = 5;
 constexpr uint32_t kGuestPages = 16384;
 constexpr uint32_t kGuestGrants = 8192;
 constexpr uint64_t kDiskSize = 64ull << 20;
-
-std::string ReadWholeFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-// The number after `key` (e.g. "\"ops\":") in bp-blkfront's JSON; -1 if absent.
-int64_t JsonNumber(const std::string& json, const std::string& key) {
-  size_t at = json.find(key);
-  if (at == std::string::npos) return -1;
-  return std::strtoll(json.c_str() + at + key.size(), nullptr, 10);
-}
 
 // The sum over queues of the blkif requests_replayed counter in the device's stats segment
 // (read-only mapping; the counters outlive every worker generation); -1 if it cannot be read.
@@ -84,29 +69,14 @@ struct CrashRun {
   int kills = 3;
 };
 
-class WorkerCrashTest : public ::testing::Test {
+class WorkerCrashTest : public XenE2eTest {
  protected:
-  void TearDown() override {
-    controller_.reset();  // kills the workers
-    if (xenhost_pid_ > 0) {
-      kill(xenhost_pid_, SIGTERM);
-      int status = 0;
-      waitpid(xenhost_pid_, &status, 0);
-    }
-  }
-
   void Start(const CrashRun& run) {
-    absl::StatusOr<pid_t> pid =
-        harness::SpawnXenHost(BP_XENHOST_PATH, run_dir_.path(),
-                              std::to_string(kGuest) + ":" + std::to_string(kGuestPages) + ":" +
-                                  std::to_string(kGuestGrants));
-    ASSERT_TRUE(pid.ok()) << pid.status();
-    xenhost_pid_ = *pid;
-    std::vector<std::string> flags = {"--xen-platform=emulated",
-                                      "--xen-run-dir=" + run_dir_.path()};
+    StartXenHost(kGuest, kGuestPages, kGuestGrants);
+    if (HasFatalFailure()) return;
+    std::vector<std::string> flags;
     if (run.grant_copy) flags.push_back("--xen-grant-copy");
-    controller_ = std::make_unique<testing::ControllerProcess>(flags);
-    controller_->Start();
+    StartController(flags);
     v1::DeviceSpec spec =
         testing::XenSpec(controller_->CreateDisk("disk0.img", kDiskSize), kGuest, "xvda");
     spec.mutable_xen()->set_max_queues(run.queues);
@@ -256,10 +226,6 @@ class WorkerCrashTest : public ::testing::Test {
     EXPECT_TRUE(status.ok()) << status.error_message();
     EXPECT_NE(stat(journal.c_str(), &st), 0);
   }
-
-  TempDir run_dir_;
-  pid_t xenhost_pid_ = -1;
-  std::unique_ptr<testing::ControllerProcess> controller_;
 };
 
 TEST_F(WorkerCrashTest, TwoQueuesVerifiedRandrwSurviveRepeatedKills) {
