@@ -22,6 +22,7 @@
 #include "tests/harness/xen/guest_domain.h"
 #include "tests/harness/xen/test_support.h"
 #include "tests/integration/metrics/metrics_fixture.h"
+#include "tests/integration/xen/xen_e2e_fixture.h"
 #include "worker/xen/blkif_abi.h"
 #include "worker/xen/blkif_request.h"
 
@@ -30,35 +31,37 @@ extern char** environ;
 namespace blockplane::testing {
 namespace {
 
-using harness::Blkfront;
-using harness::BlkfrontCompletion;
-using harness::BlkfrontOp;
-using harness::BlkfrontOptions;
-using harness::GuestDomain;
+using xen_e2e::Blkfront;
+using xen_e2e::BlkfrontOp;
+using xen_e2e::BlkfrontOptions;
+using xen_e2e::kDevid;
+using xen_e2e::kGuest;
 
-constexpr common::xen::DomainId kGuest = 5;
-constexpr uint32_t kDevid = 51712;  // xvda
-constexpr uint32_t kPages = 2;      // per request
+constexpr uint32_t kPages = 2;  // per request
 const std::string kFrontend = "/local/domain/5/device/vbd/51712";
 
-class XenMetricsTest : public ::testing::Test {
+class XenMetricsTest : public xen_e2e::XenE2eTest {
  protected:
-  void TearDown() override {
-    blkfront_.reset();
-    controller_.reset();
-    guest_.reset();
-    guest_platform_.reset();
-    if (xenhost_pid_ > 0) {
-      kill(xenhost_pid_, SIGTERM);
-      waitpid(xenhost_pid_, nullptr, 0);
-    }
-  }
+  // bp-xenhost, blockplaned (metrics on 127.0.0.1), the guest's handles, and device `id` on a
+  // 16 MiB disk `image` with `queues` queues, attached; `device` is what AttachDevice returned.
+  void StartAndAttach(const std::string& id, const std::string& image, uint32_t queues,
+                      v1::Device* device) {
+    StartXenHost(kGuest, 8192, 8192);
+    if (HasFatalFailure()) return;
+    StartController({"--metrics-host=127.0.0.1"});
+    ConnectGuest(kGuest);
+    if (HasFatalFailure()) return;
 
-  void StartXenHost() {
-    absl::StatusOr<pid_t> pid =
-        harness::SpawnXenHost(BP_XENHOST_PATH, run_dir_.path(), "5:8192:8192");
-    ASSERT_TRUE(pid.ok()) << pid.status();
-    xenhost_pid_ = *pid;
+    v1::DeviceSpec spec = XenSpec(controller_->CreateDisk(image, 16 << 20), kGuest, "xvda");
+    spec.mutable_xen()->set_max_queues(queues);
+    spec.mutable_xen()->set_persistent_grants(true);
+    spec.mutable_backend()->set_cache(v1::CACHE_MODE_WRITEBACK);
+    grpc::ClientContext ctx;
+    v1::AttachDeviceRequest attach;
+    attach.set_device_id(id);
+    *attach.mutable_spec() = spec;
+    grpc::Status attached = controller_->stub().AttachDevice(&ctx, attach, device);
+    ASSERT_TRUE(attached.ok()) << attached.error_message();
   }
 
   void Connect(uint32_t num_queues = 1) {
@@ -134,13 +137,6 @@ class XenMetricsTest : public ::testing::Test {
     EXPECT_EQ(PromtoolCheckMetrics(text, controller_->dir()), "") << text;
     return ParseExposition(text);
   }
-
-  harness::TempDir run_dir_;
-  pid_t xenhost_pid_ = -1;
-  std::unique_ptr<ControllerProcess> controller_;
-  std::unique_ptr<GuestDomain> guest_;
-  std::unique_ptr<common::xen::XenPlatform> guest_platform_;
-  std::unique_ptr<Blkfront> blkfront_;
 };
 
 // Samples of `name` for device `id`, by their `queue` label.
@@ -158,29 +154,9 @@ std::map<std::string, double> ByQueue(const std::vector<Sample>& samples, const 
 }
 
 TEST_F(XenMetricsTest, RingAndGrantCountersSurviveAWorkerKill) {
-  StartXenHost();
-  if (HasFatalFailure()) return;
-  controller_ = std::make_unique<ControllerProcess>(std::vector<std::string>{
-      "--xen-platform=emulated", "--xen-run-dir=" + run_dir_.path(), "--metrics-host=127.0.0.1"});
-  controller_->Start();
-  auto guest = GuestDomain::Connect(run_dir_.path(), kGuest);
-  ASSERT_TRUE(guest.ok()) << guest.status();
-  guest_ = std::move(*guest);
-  auto platform = common::xen::CreateEmulatedXenPlatform({run_dir_.path(), kGuest});
-  ASSERT_TRUE(platform.ok()) << platform.status();
-  guest_platform_ = std::move(*platform);
-
-  v1::DeviceSpec spec = XenSpec(controller_->CreateDisk("xd0.img", 16 << 20), kGuest, "xvda");
-  spec.mutable_xen()->set_max_queues(1);
-  spec.mutable_xen()->set_persistent_grants(true);
-  spec.mutable_backend()->set_cache(v1::CACHE_MODE_WRITEBACK);
-  grpc::ClientContext ctx;
-  v1::AttachDeviceRequest attach;
-  attach.set_device_id("xd0");
-  *attach.mutable_spec() = spec;
   v1::Device device;
-  grpc::Status attached = controller_->stub().AttachDevice(&ctx, attach, &device);
-  ASSERT_TRUE(attached.ok()) << attached.error_message();
+  StartAndAttach("xd0", "xd0.img", 1, &device);
+  if (HasFatalFailure()) return;
 
   Connect();
   if (HasFatalFailure()) return;
@@ -236,29 +212,9 @@ TEST_F(XenMetricsTest, RingAndGrantCountersSurviveAWorkerKill) {
 // Four queues: each queue's requests appear on its own series (queue="0".."3"), the series add
 // up to the workload, and each queue's counters continue across a kill -9 of the worker.
 TEST_F(XenMetricsTest, FourQueuesCountOnTheirOwnSeriesAcrossAWorkerKill) {
-  StartXenHost();
-  if (HasFatalFailure()) return;
-  controller_ = std::make_unique<ControllerProcess>(std::vector<std::string>{
-      "--xen-platform=emulated", "--xen-run-dir=" + run_dir_.path(), "--metrics-host=127.0.0.1"});
-  controller_->Start();
-  auto guest = GuestDomain::Connect(run_dir_.path(), kGuest);
-  ASSERT_TRUE(guest.ok()) << guest.status();
-  guest_ = std::move(*guest);
-  auto platform = common::xen::CreateEmulatedXenPlatform({run_dir_.path(), kGuest});
-  ASSERT_TRUE(platform.ok()) << platform.status();
-  guest_platform_ = std::move(*platform);
-
-  v1::DeviceSpec spec = XenSpec(controller_->CreateDisk("xq0.img", 16 << 20), kGuest, "xvda");
-  spec.mutable_xen()->set_max_queues(4);
-  spec.mutable_xen()->set_persistent_grants(true);
-  spec.mutable_backend()->set_cache(v1::CACHE_MODE_WRITEBACK);
-  grpc::ClientContext ctx;
-  v1::AttachDeviceRequest attach;
-  attach.set_device_id("xq0");
-  *attach.mutable_spec() = spec;
   v1::Device device;
-  grpc::Status attached = controller_->stub().AttachDevice(&ctx, attach, &device);
-  ASSERT_TRUE(attached.ok()) << attached.error_message();
+  StartAndAttach("xq0", "xq0.img", 4, &device);
+  if (HasFatalFailure()) return;
 
   // Queue q does 2 + q writes and as many reads: a different count on every queue.
   auto requests_of = [](uint32_t q) { return 2.0 * (2 + q); };
