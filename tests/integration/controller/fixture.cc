@@ -234,4 +234,14 @@ v1::DeviceSpec XenSpec(const std::string& path, uint32_t domid, const std::strin
   return spec;
 }
 
+v1::Device GetDevice(ControllerProcess& controller, const std::string& id) {
+  grpc::ClientContext ctx;
+  v1::GetDeviceRequest req;
+  req.set_device_id(id);
+  v1::Device out;
+  grpc::Status s = controller.stub().GetDevice(&ctx, req, &out);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  return out;
+}
+
 }  // namespace blockplane::testing

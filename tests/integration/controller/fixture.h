@@ -75,4 +75,7 @@ bool WaitFor(const std::function<bool()>& condition, int timeout_ms = 10000);
 // True if a process with this pid exists (and is not a zombie).
 bool ProcessAlive(pid_t pid);
 
+// GetDevice over gRPC; fails the test (and returns an empty Device) on error.
+v1::Device GetDevice(ControllerProcess& controller, const std::string& id);
+
 }  // namespace blockplane::testing

@@ -54,16 +54,6 @@ v1::DeviceStats GetStats(ControllerProcess& controller, const std::string& id) {
   return stats;
 }
 
-v1::Device GetDevice(ControllerProcess& controller, const std::string& id) {
-  grpc::ClientContext ctx;
-  v1::GetDeviceRequest req;
-  req.set_device_id(id);
-  v1::Device out;
-  grpc::Status s = controller.stub().GetDevice(&ctx, req, &out);
-  EXPECT_TRUE(s.ok()) << s.error_message();
-  return out;
-}
-
 v1::OpStats OpOf(const v1::DeviceStats& stats, const std::string& op) {
   for (const v1::OpStats& o : stats.ops()) {
     if (o.op() == op) return o;

@@ -23,7 +23,6 @@ v1::DeviceStats RunSelfTestIo(ControllerProcess& controller, const std::string& 
 
 // GetDeviceStats over gRPC.
 v1::DeviceStats GetStats(ControllerProcess& controller, const std::string& id);
-v1::Device GetDevice(ControllerProcess& controller, const std::string& id);
 
 // The stats of `op` ("read", "write", ...) in `stats`; an empty OpStats if absent.
 v1::OpStats OpOf(const v1::DeviceStats& stats, const std::string& op);

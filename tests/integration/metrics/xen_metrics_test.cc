@@ -89,18 +89,16 @@ class XenMetricsTest : public xen_e2e::XenE2eTest {
   // its rings over) and returns the next generation's device once it waits for a frontend.
   v1::Device KillWorker(const std::string& id) {
     v1::Device restarted;
+    EXPECT_TRUE(WaitFor(
+        [&] { return GetDevice(id).status().state() == v1::DEVICE_STATE_WAITING_FOR_FRONTEND; }));
+    EXPECT_EQ(::kill(GetDevice(id).status().worker_pid(), SIGKILL), 0);
     EXPECT_TRUE(WaitFor([&] {
-      return GetDevice(*controller_, id).status().state() == v1::DEVICE_STATE_WAITING_FOR_FRONTEND;
-    }));
-    EXPECT_EQ(::kill(GetDevice(*controller_, id).status().worker_pid(), SIGKILL), 0);
-    EXPECT_TRUE(WaitFor([&] {
-      restarted = GetDevice(*controller_, id);
+      restarted = GetDevice(id);
       return restarted.status().worker_generation() == 2 &&
              !restarted.status().metrics_endpoint().empty();
     }));
-    EXPECT_TRUE(WaitFor([&] {
-      return GetDevice(*controller_, id).status().state() == v1::DEVICE_STATE_WAITING_FOR_FRONTEND;
-    }));
+    EXPECT_TRUE(WaitFor(
+        [&] { return GetDevice(id).status().state() == v1::DEVICE_STATE_WAITING_FOR_FRONTEND; }));
     blkfront_.reset();
     EXPECT_TRUE(guest_platform_->xenstore().Write(kFrontend + "/state", "1", 0).ok());
     return restarted;
@@ -162,9 +160,8 @@ TEST_F(XenMetricsTest, RingAndGrantCountersSurviveAWorkerKill) {
   if (HasFatalFailure()) return;
   GuestIo(10);
   if (HasFatalFailure()) return;
-  ASSERT_TRUE(WaitFor([&] {
-    return GetDevice(*controller_, "xd0").status().state() == v1::DEVICE_STATE_CONNECTED;
-  }));
+  ASSERT_TRUE(
+      WaitFor([&] { return GetDevice("xd0").status().state() == v1::DEVICE_STATE_CONNECTED; }));
 
   const std::map<std::string, std::string> dev = {{"device", "xd0"}, {"frontend", "xen"}};
   auto write = dev;
@@ -227,8 +224,8 @@ TEST_F(XenMetricsTest, FourQueuesCountOnTheirOwnSeriesAcrossAWorkerKill) {
     if (HasFatalFailure()) return;
     workload += requests_of(q);
   }
-  ASSERT_TRUE(WaitFor(
-      [&] { return GetDevice(*controller_, "xq0").status().frontend().num_queues() == kQueues; }));
+  ASSERT_TRUE(
+      WaitFor([&] { return GetDevice("xq0").status().frontend().num_queues() == kQueues; }));
 
   std::vector<Sample> m = Scrape(device.status().metrics_endpoint());
   std::map<std::string, double> requests =

@@ -106,15 +106,6 @@ class XenBackendE2eTest : public XenE2eTest {
     return device;
   }
 
-  v1::Device GetDevice() {
-    grpc::ClientContext context;
-    v1::GetDeviceRequest request;
-    request.set_device_id("xd0");
-    v1::Device device;
-    EXPECT_TRUE(controller_->stub().GetDevice(&context, request, &device).ok());
-    return device;
-  }
-
   v1::DeviceStats GetStats() {
     grpc::ClientContext context;
     v1::GetDeviceStatsRequest request;

@@ -52,16 +52,6 @@ class NullBackendTest : public XenE2eTest {
     EXPECT_THAT(attached.out, HasSubstr("null"));
   }
 
-  v1::Device GetDevice() {
-    grpc::ClientContext context;
-    v1::GetDeviceRequest request;
-    request.set_device_id("xd0");
-    v1::Device device;
-    grpc::Status status = controller_->stub().GetDevice(&context, request, &device);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    return device;
-  }
-
   uint64_t Ops(const std::string& op) {
     grpc::ClientContext context;
     v1::GetDeviceStatsRequest request;

@@ -91,15 +91,6 @@ class WorkerCrashTest : public XenE2eTest {
     ASSERT_TRUE(status.ok()) << status.error_message();
   }
 
-  v1::Device GetDevice() {
-    grpc::ClientContext context;
-    v1::GetDeviceRequest request;
-    request.set_device_id("xd0");
-    v1::Device device;
-    EXPECT_TRUE(controller_->stub().GetDevice(&context, request, &device).ok());
-    return device;
-  }
-
   // Runs bp-blkfront's verified randrw workload while killing the worker `run.kills` times,
   // each time once the previous generation has the guest connected and has served it a while.
   void RunWithKills(const CrashRun& run) {

@@ -54,6 +54,11 @@ class XenE2eTest : public ::testing::Test {
   // Opens guest_ and guest_platform_ for domain `guest`.
   void ConnectGuest(common::xen::DomainId guest);
 
+  // The device `id` as the controller reports it (testing::GetDevice).
+  v1::Device GetDevice(const std::string& id = "xd0") {
+    return testing::GetDevice(*controller_, id);
+  }
+
   harness::TempDir run_dir_;
   pid_t xenhost_pid_ = -1;
   std::unique_ptr<testing::ControllerProcess> controller_;
