@@ -14,6 +14,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "worker/xen/grant_ref_map.h"
 
 namespace blockplane::worker::xen {
 namespace {
@@ -150,7 +151,7 @@ struct BlkifBackend::Queue {
   bool indirect_read_only = false;
   std::vector<std::unique_ptr<Pending>> pool;
   std::vector<Pending*> free;
-  std::unordered_map<GrantRef, PersistentGrant> persistent;
+  GrantRefMap<PersistentGrant> persistent;
   // Front: most recently put there (a new grant, or one given a second chance on eviction).
   std::list<GrantRef> lru;
   uint64_t lru_clock = 0;  // stamps PersistentGrant::used / listed
@@ -649,8 +650,7 @@ void BlkifBackend::ReleaseQueues() {
     queue->channel_watch = common::EventLoop::kInvalidFdWatch;
     // Every persistent grant goes (blkback's free_persistent_gnts at disconnect).
     while (!queue->lru.empty()) {
-      auto it = queue->persistent.find(queue->lru.back());
-      EvictPersistent(*queue, &it->second);
+      EvictPersistent(*queue, queue->persistent.Find(queue->lru.back()));
     }
     queue->channel.reset();
     queue->ring.reset();
@@ -830,10 +830,9 @@ absl::Status BlkifBackend::MapPersistent(Queue& queue, Pending& p) {
   p.misses.clear();
   for (uint32_t i = 0; i < p.nr_segments; ++i) {
     const GrantRef ref = p.segments[i].gref;
-    auto it = queue.persistent.find(ref);
-    if (it != queue.persistent.end()) {
+    if (PersistentGrant* found = queue.persistent.Find(ref)) {
       queue.counters.persistent_hits.Add();
-      PersistentGrant& grant = it->second;
+      PersistentGrant& grant = *found;
       ++grant.users;
       grant.used = ++queue.lru_clock;
       p.persistent_used.push_back(&grant);
@@ -871,7 +870,7 @@ absl::Status BlkifBackend::MapPersistent(Queue& queue, Pending& p) {
   for (size_t j = 0; j < p.misses.size(); ++j) {
     std::byte* page = pages.page(j).data();
     if (keep) {
-      PersistentGrant& grant = queue.persistent[p.misses[j]];
+      PersistentGrant& grant = queue.persistent.FindOrInsert(p.misses[j]);
       grant.ref = p.misses[j];
       grant.page = page;
       grant.group = group;
@@ -897,7 +896,7 @@ bool BlkifBackend::MakeRoomForPersistent(Queue& queue, size_t pages) {
   // looked at again only after every other grant. Each grant moves at most once per call.
   while (queue.persistent.size() + pages > cap && victim != queue.lru.begin()) {
     --victim;
-    PersistentGrant& grant = queue.persistent.find(*victim)->second;
+    PersistentGrant& grant = *queue.persistent.Find(*victim);
     if (grant.used != grant.listed) {
       auto next = victim;
       ++next;
@@ -917,10 +916,10 @@ bool BlkifBackend::MakeRoomForPersistent(Queue& queue, size_t pages) {
 
 absl::StatusOr<const std::byte*> BlkifBackend::IndirectPagePersistent(
     Queue& queue, GrantRef ref, std::unique_ptr<GrantMapping>* temporary) {
-  if (auto it = queue.persistent.find(ref); it != queue.persistent.end()) {
+  if (PersistentGrant* found = queue.persistent.Find(ref)) {
     queue.counters.persistent_hits.Add();
-    it->second.used = ++queue.lru_clock;
-    return it->second.page;
+    found->used = ++queue.lru_clock;
+    return found->page;
   }
   queue.counters.persistent_misses.Add();
   // Writable like every persistent grant: the page may carry data in a later request.
@@ -935,7 +934,7 @@ absl::StatusOr<const std::byte*> BlkifBackend::IndirectPagePersistent(
   mapped_pages_ += 1;
   auto group = std::make_shared<GrantGroup>();
   group->mapping = std::move(*mapping);
-  PersistentGrant& grant = queue.persistent[ref];
+  PersistentGrant& grant = queue.persistent.FindOrInsert(ref);
   grant.ref = ref;
   grant.page = group->mapping->page(0).data();
   grant.group = std::move(group);
@@ -950,7 +949,7 @@ absl::StatusOr<const std::byte*> BlkifBackend::IndirectPagePersistent(
 void BlkifBackend::EvictPersistent(Queue& queue, PersistentGrant* grant) {
   std::shared_ptr<GrantGroup> group = std::move(grant->group);
   queue.lru.erase(grant->lru);
-  queue.persistent.erase(grant->ref);
+  queue.persistent.Erase(grant->ref);  // resets *grant
   queue.counters.persistent_evictions.Add();
   persistent_mapped_.Sub();
   if (group.use_count() == 1) {

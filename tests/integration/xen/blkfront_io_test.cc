@@ -897,6 +897,41 @@ TEST_F(ProductBackendTest, IndirectPagesArePersistentGrants) {
   EXPECT_EQ(stats_.grant_maps, stats_.grant_unmaps);
 }
 
+// More pages in use than the cache may keep (blkback's max_persistent_grants): the cache never
+// grows past the cap, releases unused grants to make room, serves the pages that do not fit for
+// one request only, and the data stays right through all of it.
+TEST_F(ProductBackendTest, PersistentGrantCacheStaysWithinItsCap) {
+  worker::xen::BlkifBackendOptions backend;
+  backend.max_persistent_grants = 8;
+  StartBackend(backend, /*read_only=*/false);
+  BlkfrontOptions options;
+  options.slots_per_queue = 32;
+  ConnectFront(options);
+  ASSERT_TRUE(front_->persistent_grants());
+  WorkloadOptions workload;
+  workload.read_percent = 50;
+  workload.block_bytes = 8192;  // two pages per request
+  workload.iodepth = 32;
+  workload.ops = 4000;
+  workload.sectors = 4096;
+  workload.verify = true;
+  auto result = RunWorkload(*front_, workload);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->total_errors(), 0u) << result->ToJson(*front_);
+  EXPECT_EQ(result->verify_failures, 0u);
+  const worker::xen::BlkifBackendStats stats = blkback_->Stats();
+  EXPECT_LE(stats.persistent_grants_mapped, 8u);
+  EXPECT_GT(stats.persistent_evictions, 0u);
+  EXPECT_GT(stats.persistent_hits, 0u);
+  // 32 slots of 2 pages take turns in 8 places: most pages are mapped again and again.
+  EXPECT_GT(stats.persistent_misses, 4000u);
+  // Every page mapped is either still cached or was unmapped (at eviction, or after its request).
+  EXPECT_EQ(stats.grant_maps - stats.grant_unmaps, stats.persistent_grants_mapped + 1);  // + ring
+  StopBackend();
+  EXPECT_EQ(stats_.grant_maps, stats_.grant_unmaps);
+  EXPECT_EQ(stats_.persistent_grants_mapped, 0u);
+}
+
 class ProductBackendHostileTest : public ProductBackendTest,
                                   public ::testing::WithParamInterface<bool> {};
 
