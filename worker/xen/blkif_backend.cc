@@ -714,6 +714,9 @@ BlkifBackendStats BlkifBackend::Stats() const {
 
 void BlkifBackend::ProcessQueue(Queue& queue) {
   if (!queue.ring || queue.stopped || disconnecting_ || detaching_ || queue.held_barrier) return;
+  // Responses written on this pass go out before new requests are taken: the frontend starts
+  // refilling the ring while this pass parses and submits.
+  if (!queue.answered.empty()) PushResponses(queue);
   uint32_t budget = options_.max_requests_per_pass;
   queue.geometry = Geometry();
   // Requests a crashed worker took and did not answer come first.
@@ -1247,7 +1250,7 @@ void BlkifBackend::RespondLater(Queue& queue, uint64_t id, uint8_t operation, in
 }
 
 void BlkifBackend::PushResponses(Queue& queue) {
-  if (!queue.ring) return;
+  if (!queue.ring || queue.answered.empty()) return;
   const bool notify = queue.ring->PushResponsesAndCheckNotify();
   // Published: the guest has these responses; their requests are no longer owed.
   for (uint32_t entry : queue.answered) {
