@@ -567,6 +567,8 @@ absl::Status Blkfront::SetUpSlots() {
     queue.slots.assign(slots_per_queue_, BlkfrontQueue::Slot{});
     queue.free_slots.clear();
     queue.free_slots.reserve(slots_per_queue_);
+    queue.unpushed.clear();
+    queue.unpushed.reserve(slots_per_queue_);
     queue.revoke_pending_slots.clear();
     queue.revoke_pending_slots.reserve(slots_per_queue_);
     for (uint32_t s = slots_per_queue_; s-- > 0;) queue.free_slots.push_back(s);
@@ -721,7 +723,7 @@ void Blkfront::Produce(uint32_t queue, uint32_t slot, const RawBlkifRequest& req
   s.in_flight = true;
   s.id = id;
   s.operation = echo;
-  s.submit_ns = NowNs();
+  q.unpushed.push_back(slot);
 }
 
 absl::Status Blkfront::Enqueue(uint32_t queue, uint32_t slot, const BlkfrontRequest& request) {
@@ -865,6 +867,10 @@ absl::StatusOr<bool> Blkfront::Push(uint32_t queue) {
   const uint32_t old_prod = q.req_prod_pushed;
   const uint32_t new_prod = q.req_prod_pvt;
   if (old_prod == new_prod) return false;
+  // One clock read per push: every request of the batch becomes visible to the backend here.
+  const uint64_t now = NowNs();
+  for (uint32_t slot : q.unpushed) q.slots[slot].submit_ns = now;
+  q.unpushed.clear();
   SharedWord(q.ring, kReqProd).store(new_prod, std::memory_order_release);
   q.req_prod_pushed = new_prod;
   std::atomic_thread_fence(std::memory_order_seq_cst);

@@ -202,9 +202,10 @@ struct BlkfrontQueue {
     uint32_t granted_data = 0;    // non-persistent: data pages granted for this request
     uint32_t granted_indirect = 0;
     uint64_t id = 0;
-    uint64_t submit_ns = 0;
+    uint64_t submit_ns = 0;  // when Push() published it: the backend cannot see it earlier
   };
   std::vector<Slot> slots;
+  std::vector<uint32_t> unpushed;    // slots produced since the last Push(), to be stamped there
   std::vector<uint32_t> free_slots;  // stack; reserved to slots.size()
   // Released slots whose grants the backend still maps; AcquireSlot() retries them when
   // free_slots runs out.
