@@ -9,7 +9,8 @@
 #     same file (target: >= 0.9x fio), and
 #   - a null backend (spec.backend.null: every request completes through an io_uring NOP),
 #     compared with the raw io_uring NOP rate in batches of 32 (dataplane_bench nop --batch 32;
-#     target: QD32 >= 0.5x),
+#     target: QD32 >= 0.5x), run right before and right after each null run at QD32: each
+#     run's ratio is to the mean of the two,
 # 4 KiB random reads at QD1 and QD32, each in two modes:
 #   - notify: the guest sleeps on its event channel, the worker sleeps in io_uring until kicked;
 #   - poll:   the guest spins on its ring (bp-blkfront --poll, never asks for a kick) and the
@@ -140,16 +141,25 @@ PY
 }
 
 : >"$OUT/results.jsonl"
-for rep in $(seq "$REPS"); do
+run_nop() {  # REP AT: the NOP baseline, recorded with where it ran (before/between/after)
+  local n
   n=$("${NOP_CMD[@]}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["ops_per_sec"])')
-  record "$rep" 32 "io_uring NOP batch 32" "\"iops\":$n"
+  record "$1" 32 "io_uring NOP batch 32" "\"iops\":$n,\"at\":\"$2\""
+}
+for rep in $(seq "$REPS"); do
   for qd in 1 32; do
     f=$($(fio_cmd "$qd") | python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["read"]["iops"])')
     record "$rep" "$qd" "fio io_uring O_DIRECT" "\"iops\":$f"
     run_blkfront "$rep" "$qd" "file notify" file-notify xvda
     run_blkfront "$rep" "$qd" "file poll" file-poll xvdc --poll
+    # The NOP baseline brackets each null run at QD32 (the CPU's speed on this VM drifts by 20%
+    # and more within a minute): a run's ratio is to the mean of the NOP runs just before and
+    # just after it.
+    [ "$qd" = 32 ] && run_nop "$rep" before
     run_blkfront "$rep" "$qd" "null notify" null-notify xvdb
+    [ "$qd" = 32 ] && run_nop "$rep" between
     run_blkfront "$rep" "$qd" "null poll" null-poll xvdd --poll
+    [ "$qd" = 32 ] && run_nop "$rep" after
     echo "rep $rep qd $qd done" >&2
   done
 done
@@ -161,8 +171,18 @@ rows = [json.loads(l) for l in open(f"{out}/results.jsonl")]
 def runs(qd, c, key="iops"):
     return [r[key] for r in sorted(rows, key=lambda r: r["rep"]) if r["qd"] == qd and r["contender"] == c]
 nop = runs(32, "io_uring NOP batch 32")
+def nop_at(at):
+    return [r["iops"] for r in sorted(rows, key=lambda r: r["rep"])
+            if r["contender"] == "io_uring NOP batch 32" and r.get("at") == at]
+# Per repetition, the baseline of a null run: the mean of the NOP runs that bracket it.
+nop_bracket = {
+    "null notify": [(a + b) / 2 for a, b in zip(nop_at("before"), nop_at("between"))],
+    "null poll": [(a + b) / 2 for a, b in zip(nop_at("between"), nop_at("after"))],
+}
 contenders = ["fio io_uring O_DIRECT", "file notify", "file poll", "null notify", "null poll"]
-res = {"nop_batch32": {"median_ops_per_sec": statistics.median(nop), "runs": nop}}
+res = {"nop_batch32": {"median_ops_per_sec": statistics.median(nop), "runs": nop,
+                       "bracketing_null_notify": nop_bracket["null notify"],
+                       "bracketing_null_poll": nop_bracket["null poll"]}}
 for qd in (1, 32):
     q = {}
     for c in contenders:
@@ -173,7 +193,8 @@ for qd in (1, 32):
             e["median_p99_us"] = statistics.median(runs(qd, c, "p99_us"))
             e["median_worker_cpu_ns_per_op"] = statistics.median(runs(qd, c, "worker_cpu_ns_per_op"))
             e["errors"] = sum(runs(qd, c, "errors"))
-        base = runs(qd, "fio io_uring O_DIRECT") if c.startswith("file") else nop if c.startswith("null") else None
+        base = (runs(qd, "fio io_uring O_DIRECT") if c.startswith("file")
+                else nop_bracket[c] if c.startswith("null") and qd == 32 else None)
         if base:
             e["paired_ratios"] = [a / b for a, b in zip(v, base)]
             e["median_paired_ratio"] = statistics.median(e["paired_ratios"])
@@ -196,7 +217,8 @@ with open(f"{out}/results.md", "w") as md:
     md.write(f"Machine: {m['nproc']} CPUs, kernel {m['kernel']}, commit {m['commit']}"
              f"{' (with uncommitted changes)' if m['dirty'] else ''}; at the end: {m['uptime']}. "
              f"{reps} repetitions of {runtime} s; medians, and the median of the per-repetition "
-             f"ratios. io_uring NOP, batches of 32: {res['nop_batch32']['median_ops_per_sec']:.0f}/s.\n\n")
+             f"ratios (a null run's to the mean of the NOP runs just before and after it). "
+             f"io_uring NOP, batches of 32: {res['nop_batch32']['median_ops_per_sec']:.0f}/s.\n\n")
     md.write("| QD | backend | fio io_uring O_DIRECT | notify: IOPS (ratio) | poll: IOPS (ratio) "
              "| notify p50 / p99 us | poll p50 / p99 us | worker CPU ns/req notify / poll |\n"
              "|---:|---|---:|---:|---:|---:|---:|---:|\n")
