@@ -20,6 +20,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <span>
 #include <vector>
 
 #include "worker/xen/blkif_abi.h"
@@ -139,6 +141,46 @@ void CheckIndirect(const BlkifRequest& r, const Parsed<IndirectSegments>& parsed
   FUZZ_CHECK(InsideDisk(r.sector_number, sectors, g.sectors));
 }
 
+// The worker parses each request into one BlkifRequest per queue, reused from request to request
+// (ValidateRequestInto), which may hold the previous request's fields. Whatever that left behind,
+// the result must be the fresh parse's: the same refusal, or the same request in every field the
+// backend reads (segments up to nr_segments, grefs up to nr_pages).
+void CheckReusedParse(Protocol protocol, std::span<const uint8_t> slot,
+                      const DeviceGeometry& geometry, const Parsed<BlkifRequest>& fresh,
+                      BlkifRequest& reused) {
+  const RequestSlotCopy copy = CopyRequestSlot(protocol, slot);
+  const std::optional<RequestError> error = ValidateRequestInto(
+      protocol, std::span<const uint8_t>(copy.bytes.data(), copy.size), geometry, &reused);
+  FUZZ_CHECK(error.has_value() == !fresh.ok());
+  if (error) {
+    const RequestError& want = fresh.error();
+    FUZZ_CHECK(error->id == want.id && error->operation == want.operation &&
+               error->status == want.status && error->reason == want.reason);
+    return;
+  }
+  const BlkifRequest& want = fresh.value();
+  FUZZ_CHECK(reused.operation == want.operation && reused.id == want.id &&
+             reused.handle == want.handle && reused.sector_number == want.sector_number &&
+             reused.nr_segments == want.nr_segments &&
+             reused.transfer_bytes == want.transfer_bytes &&
+             reused.data_operation() == want.data_operation());
+  if (!want.is_indirect() && want.operation != BLKIF_OP_DISCARD) {
+    for (int i = 0; i < want.nr_segments; ++i) {
+      FUZZ_CHECK(reused.segments[i].gref == want.segments[i].gref &&
+                 reused.segments[i].first_sect == want.segments[i].first_sect &&
+                 reused.segments[i].last_sect == want.segments[i].last_sect);
+    }
+  }
+  FUZZ_CHECK(reused.indirect.op == want.indirect.op &&
+             reused.indirect.nr_pages == want.indirect.nr_pages);
+  for (int i = 0; i < want.indirect.nr_pages; ++i) {
+    FUZZ_CHECK(reused.indirect.grefs[i] == want.indirect.grefs[i]);
+  }
+  FUZZ_CHECK(reused.discard.sector == want.discard.sector &&
+             reused.discard.nr_sectors == want.discard.nr_sectors &&
+             reused.discard.secure == want.discard.secure);
+}
+
 void RunOne(const uint8_t* data, size_t size) {
   constexpr Protocol kProtocols[] = {Protocol::kNative, Protocol::kX86_32, Protocol::kX86_64};
   const Protocol protocol = kProtocols[Load<uint8_t>(data, size, 0) % 3];
@@ -158,9 +200,14 @@ void RunOne(const uint8_t* data, size_t size) {
   const uint8_t* body = data + std::min(size, kHeaderSize);
   const size_t body_size = size - std::min(size, kHeaderSize);
 
-  // The body as a lone slot, under every ABI (cheap breadth for the parser alone).
+  // The body as a lone slot, under every ABI (cheap breadth for the parser alone), also parsed
+  // into a request that holds the previous ABI's parse.
+  BlkifRequest reused;
   for (Protocol p : kProtocols) {
-    CheckParsed(ParseRequest(p, std::span<const uint8_t>(body, body_size), geometry), geometry);
+    const std::span<const uint8_t> lone(body, body_size);
+    const Parsed<BlkifRequest> parsed = ParseRequest(p, lone, geometry);
+    CheckParsed(parsed, geometry);
+    CheckReusedParse(p, lone, geometry, parsed, reused);
   }
 
   // The shared ring, then up to 8 indirect pages, from the body.
@@ -197,6 +244,7 @@ void RunOne(const uint8_t* data, size_t size) {
       FUZZ_CHECK(ring->outstanding() <= ring->size());
       auto parsed = ParseRequest(protocol, *slot, geometry);
       CheckParsed(parsed, geometry);
+      CheckReusedParse(protocol, *slot, geometry, parsed, reused);
       uint64_t id = 0;
       uint8_t op = 0;
       int16_t status = BLKIF_RSP_OKAY;
