@@ -315,10 +315,11 @@ void Worker::DetachFrontend(std::function<void()> done) {
   loop_->AddTimer(kDetachTimeout, [once] { once("timed out waiting for in-flight I/O"); });
   blkif_->Detach([this, once] {
     xen::BlkifBackendStats stats = blkif_->Stats();
-    BP_LOG(Info) << "blkif: " << stats.requests_taken << " requests, " << stats.grant_maps
-                 << " pages mapped, " << stats.grant_unmaps << " unmapped, "
-                 << stats.persistent_hits << " persistent hits, " << stats.persistent_evictions
-                 << " persistent evictions, " << blkif_->mapped_pages() << " still mapped";
+    BP_LOG(Info) << "blkif: " << stats.requests_taken << " requests (" << stats.requests_replayed
+                 << " replayed from the journal), " << stats.grant_maps << " pages mapped, "
+                 << stats.grant_unmaps << " unmapped, " << stats.persistent_hits
+                 << " persistent hits, " << stats.persistent_evictions << " persistent evictions, "
+                 << blkif_->mapped_pages() << " still mapped";
     once("Closed");
   });
 }

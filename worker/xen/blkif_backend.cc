@@ -703,6 +703,7 @@ BlkifBackendStats BlkifBackend::Stats() const {
     s.persistent_hits += c->persistent_hits.Get();
     s.persistent_misses += c->persistent_misses.Get();
     s.persistent_evictions += c->persistent_evictions.Get();
+    s.requests_replayed += c->requests_replayed.Get();
   }
   s.persistent_grants_mapped = persistent_mapped_.Get();
   s.in_flight = in_flight_.Get();

@@ -149,6 +149,7 @@ struct BlkifBackendStats {
   uint64_t persistent_hits = 0;
   uint64_t persistent_misses = 0;
   uint64_t persistent_evictions = 0;
+  uint64_t requests_replayed = 0;         // answered again from a crashed worker's journal
   uint64_t persistent_grants_mapped = 0;  // gauge: entries in all queues' caches
   uint64_t in_flight = 0;                 // gauge
 };
