@@ -687,6 +687,22 @@ class ProductBackendTest : public BlkfrontIoTest {
     ASSERT_TRUE(status.ok()) << status;
   }
 
+  // A verified random 50/50 read/write run of `ops` blocks over the first 4096 sectors, which
+  // must end with no error and no verify failure.
+  void RunVerifiedMix(uint32_t block_bytes, uint32_t iodepth, uint64_t ops) {
+    WorkloadOptions workload;
+    workload.read_percent = 50;
+    workload.block_bytes = block_bytes;
+    workload.iodepth = iodepth;
+    workload.ops = ops;
+    workload.sectors = 4096;
+    workload.verify = true;
+    auto result = RunWorkload(*front_, workload);
+    ASSERT_TRUE(result.ok()) << result.status();
+    EXPECT_EQ(result->total_errors(), 0u) << result->ToJson(*front_);
+    EXPECT_EQ(result->verify_failures, 0u);
+  }
+
   // Disconnects the frontend (if still connected), then destroys the backend on its loop thread
   // and stops the loop; stats_ keeps the backend's last counters. Idempotent.
   void StopBackend() {
@@ -877,17 +893,7 @@ TEST_F(ProductBackendTest, IndirectPagesArePersistentGrants) {
   options.slots_per_queue = 8;
   ConnectFront(options);
   ASSERT_TRUE(front_->persistent_grants());
-  WorkloadOptions workload;
-  workload.read_percent = 50;
-  workload.block_bytes = 64 * 1024;
-  workload.iodepth = 8;
-  workload.ops = 1000;
-  workload.sectors = 4096;
-  workload.verify = true;
-  auto result = RunWorkload(*front_, workload);
-  ASSERT_TRUE(result.ok()) << result.status();
-  EXPECT_EQ(result->total_errors(), 0u) << result->ToJson(*front_);
-  EXPECT_EQ(result->verify_failures, 0u);
+  ASSERT_NO_FATAL_FAILURE(RunVerifiedMix(64 * 1024, /*iodepth=*/8, /*ops=*/1000));
   EXPECT_GE(front_->counters().indirect_requests, 1000u);
   const worker::xen::BlkifBackendStats stats = blkback_->Stats();
   // At most every slot's 16 data pages and 1 indirect page, plus the ring: not one per request.
@@ -908,17 +914,8 @@ TEST_F(ProductBackendTest, PersistentGrantCacheStaysWithinItsCap) {
   options.slots_per_queue = 32;
   ConnectFront(options);
   ASSERT_TRUE(front_->persistent_grants());
-  WorkloadOptions workload;
-  workload.read_percent = 50;
-  workload.block_bytes = 8192;  // two pages per request
-  workload.iodepth = 32;
-  workload.ops = 4000;
-  workload.sectors = 4096;
-  workload.verify = true;
-  auto result = RunWorkload(*front_, workload);
-  ASSERT_TRUE(result.ok()) << result.status();
-  EXPECT_EQ(result->total_errors(), 0u) << result->ToJson(*front_);
-  EXPECT_EQ(result->verify_failures, 0u);
+  // Two pages per request.
+  ASSERT_NO_FATAL_FAILURE(RunVerifiedMix(8192, /*iodepth=*/32, /*ops=*/4000));
   const worker::xen::BlkifBackendStats stats = blkback_->Stats();
   EXPECT_LE(stats.persistent_grants_mapped, 8u);
   EXPECT_GT(stats.persistent_evictions, 0u);
