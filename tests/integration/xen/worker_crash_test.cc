@@ -36,6 +36,7 @@
 namespace blockplane::xen_e2e {
 namespace {
 
+using harness::GuestIo;
 using ::testing::HasSubstr;
 using ::testing::Not;
 
@@ -229,6 +230,79 @@ TEST_F(WorkerCrashTest, OneQueueWithoutPersistentGrantsSurvivesKills) {
 
 TEST_F(WorkerCrashTest, OneQueueInGrantCopyModeSurvivesKills) {
   RunWithKills(CrashRun{.grant_copy = true, .queues = 1, .iodepth = 8, .kills = 2});
+}
+
+// The worker dies while the guest closes the device: it is frozen (SIGSTOP) before it can see
+// the frontend's Closing, then killed. The next generation finds the frontend Closing and must
+// finish the close (backend Closing, then Closed) so that the guest's Disconnect returns, with
+// none of the dead worker's grant maps left behind (the guest revokes every grant); then the same
+// guest connects again and reads back, through the new worker, what it wrote before.
+TEST_F(WorkerCrashTest, WorkerKilledWhileTheGuestClosesLetsItCloseAndReconnect) {
+  Start(CrashRun{.queues = 1});
+  if (HasFatalFailure()) return;
+  ConnectGuest(kGuest);
+  if (HasFatalFailure()) return;
+  BlkfrontOptions options;
+  options.devid = kDevid;
+  options.slots_per_queue = 8;
+  options.timeout_ms = 20000;
+  auto connect = [&] {
+    blkfront_ = std::make_unique<Blkfront>(guest_platform_.get(), guest_.get(), options);
+    absl::Status connected = blkfront_->Connect();
+    ASSERT_TRUE(connected.ok()) << connected << "\n" << ReadWholeFile(controller_->log_path());
+  };
+  ASSERT_NO_FATAL_FAILURE(connect());
+
+  // Eight 4 KiB writes with persistent grants, so the worker holds maps of the guest's pages.
+  constexpr uint32_t kBlocks = 8;
+  std::vector<uint8_t> pattern(kBlocks * kPage);
+  for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = static_cast<uint8_t>(i * 7 + i / kPage);
+  std::vector<GuestIo> writes(kBlocks);
+  for (uint32_t b = 0; b < kBlocks; ++b) {
+    writes[b].request = {BlkfrontOp::kWrite, uint64_t{b} * kSectorsPerPage, kSectorsPerPage};
+    writes[b].write_data = std::span<const uint8_t>(pattern).subspan(b * kPage, kPage);
+  }
+  auto written = harness::RunGuestRequests(*blkfront_, writes, 4);
+  ASSERT_TRUE(written.ok()) << written.status();
+  for (const BlkfrontCompletion& c : *written) ASSERT_EQ(c.status, BLKIF_RSP_OKAY);
+
+  const v1::Device before = GetDevice();
+  ASSERT_EQ(before.status().state(), v1::DEVICE_STATE_CONNECTED);
+  const pid_t pid = before.status().worker_pid();
+  ASSERT_GT(pid, 0);
+  ASSERT_EQ(::kill(pid, SIGSTOP), 0);
+  absl::Status closed = absl::UnknownError("Disconnect did not return");
+  std::thread closer([&] { closed = blkfront_->Disconnect(); });
+  // The frontend has said Closing and now waits for the backend, which cannot answer.
+  const std::string frontend_state = blkfront_->paths().frontend + "/state";
+  EXPECT_TRUE(testing::WaitFor([&] {
+    auto state = guest_platform_->xenstore().Read(frontend_state, common::xen::kNoTransaction);
+    return state.ok() && *state == "5";  // XenbusStateClosing
+  }));
+  ASSERT_EQ(::kill(pid, SIGKILL), 0);
+  closer.join();
+  const std::string log = ReadWholeFile(controller_->log_path());
+  ASSERT_TRUE(closed.ok()) << closed << "\n" << log;
+  EXPECT_TRUE(testing::WaitFor([&] {
+    v1::Device device = GetDevice();
+    return device.status().worker_generation() > before.status().worker_generation() &&
+           device.status().state() == v1::DEVICE_STATE_WAITING_FOR_FRONTEND;
+  })) << GetDevice().DebugString();
+
+  // A fresh connection of the same guest, served by the new worker, sees the data.
+  ASSERT_NO_FATAL_FAILURE(connect());
+  std::vector<uint8_t> read_back(pattern.size(), 0);
+  std::vector<GuestIo> reads(kBlocks);
+  for (uint32_t b = 0; b < kBlocks; ++b) {
+    reads[b].request = {BlkfrontOp::kRead, uint64_t{b} * kSectorsPerPage, kSectorsPerPage};
+    reads[b].read_data = std::span<uint8_t>(read_back).subspan(b * kPage, kPage);
+  }
+  auto read = harness::RunGuestRequests(*blkfront_, reads, 4);
+  ASSERT_TRUE(read.ok()) << read.status();
+  for (const BlkfrontCompletion& c : *read) EXPECT_EQ(c.status, BLKIF_RSP_OKAY);
+  EXPECT_EQ(read_back, pattern);
+  EXPECT_TRUE(blkfront_->Disconnect().ok());
+  blkfront_.reset();
 }
 
 }  // namespace
