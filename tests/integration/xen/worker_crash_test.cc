@@ -305,5 +305,70 @@ TEST_F(WorkerCrashTest, WorkerKilledWhileTheGuestClosesLetsItCloseAndReconnect) 
   blkfront_.reset();
 }
 
+// The guest's driver starts over while no worker runs: the worker is frozen, the old frontend
+// goes away without closing, and a new one does its handshake on new rings. It finds the
+// backend's state still Connected in xenstore and connects at once, as Linux blkfront would.
+// Then the worker is killed. The next generation must not apply the journal of the old rings to
+// the new ones (it would answer requests the new rings never carried and skip ones they do):
+// the new rings are served afresh, every request on them is answered, and the data written
+// through the old ones is there.
+TEST_F(WorkerCrashTest, FrontendThatStartsOverWhileNoWorkerRunsIsServedAfresh) {
+  Start(CrashRun{.queues = 1});
+  if (HasFatalFailure()) return;
+  ConnectGuest(kGuest);
+  if (HasFatalFailure()) return;
+  BlkfrontOptions options;
+  options.devid = kDevid;
+  options.slots_per_queue = 8;
+  options.timeout_ms = 20000;
+  blkfront_ = std::make_unique<Blkfront>(guest_platform_.get(), guest_.get(), options);
+  ASSERT_TRUE(blkfront_->Connect().ok()) << ReadWholeFile(controller_->log_path());
+  // Some requests on the first rings, so that the journal's req_cons is past 0.
+  constexpr uint32_t kBlocks = 8;
+  std::vector<uint8_t> pattern(kBlocks * kPage);
+  for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = static_cast<uint8_t>(i * 13 + 1);
+  std::vector<GuestIo> writes(kBlocks);
+  for (uint32_t b = 0; b < kBlocks; ++b) {
+    writes[b].request = {BlkfrontOp::kWrite, uint64_t{b} * kSectorsPerPage, kSectorsPerPage};
+    writes[b].write_data = std::span<const uint8_t>(pattern).subspan(b * kPage, kPage);
+  }
+  auto written = harness::RunGuestRequests(*blkfront_, writes, 4);
+  ASSERT_TRUE(written.ok()) << written.status();
+
+  const v1::Device before = GetDevice();
+  const pid_t pid = before.status().worker_pid();
+  ASSERT_GT(pid, 0);
+  ASSERT_EQ(::kill(pid, SIGSTOP), 0);
+  // The old driver is gone without closing (its pages stay granted, as Linux leaks them).
+  std::unique_ptr<Blkfront> old = std::move(blkfront_);
+  blkfront_ = std::make_unique<Blkfront>(guest_platform_.get(), guest_.get(), options);
+  ASSERT_TRUE(blkfront_->Connect().ok());
+  ASSERT_EQ(::kill(pid, SIGKILL), 0);
+  EXPECT_TRUE(testing::WaitFor([&] {
+    v1::Device device = GetDevice();
+    return device.status().worker_generation() > before.status().worker_generation() &&
+           device.status().state() == v1::DEVICE_STATE_CONNECTED;
+  })) << GetDevice().DebugString();
+  const std::string log = ReadWholeFile(controller_->log_path());
+  // Neither resumed nor even compared with the journal: the rings are not the recorded ones.
+  EXPECT_THAT(log, Not(HasSubstr("resumed at rsp_prod"))) << log;
+  EXPECT_THAT(log, Not(HasSubstr("request journal does not match"))) << log;
+
+  // The new rings serve every request, and the data written through the old ones is there.
+  std::vector<uint8_t> read_back(pattern.size(), 0);
+  std::vector<GuestIo> reads(kBlocks);
+  for (uint32_t b = 0; b < kBlocks; ++b) {
+    reads[b].request = {BlkfrontOp::kRead, uint64_t{b} * kSectorsPerPage, kSectorsPerPage};
+    reads[b].read_data = std::span<uint8_t>(read_back).subspan(b * kPage, kPage);
+  }
+  auto read = harness::RunGuestRequests(*blkfront_, reads, 4);
+  ASSERT_TRUE(read.ok()) << read.status();
+  for (const BlkfrontCompletion& c : *read) EXPECT_EQ(c.status, BLKIF_RSP_OKAY);
+  EXPECT_EQ(read_back, pattern);
+  EXPECT_TRUE(blkfront_->Disconnect().ok());
+  blkfront_.reset();
+  old.reset();
+}
+
 }  // namespace
 }  // namespace blockplane::xen_e2e
