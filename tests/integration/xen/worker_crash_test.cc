@@ -217,6 +217,13 @@ class WorkerCrashTest : public XenE2eTest {
     grpc::Status status = controller_->stub().DetachDevice(&context, detach, &detached);
     EXPECT_TRUE(status.ok()) << status.error_message();
     EXPECT_NE(stat(journal.c_str(), &st), 0);
+    // The last generation's summary at detach (BlkifBackend::Stats(), over the segment that
+    // outlived the others) counts the replays of every generation.
+    EXPECT_TRUE(testing::WaitFor([&] {
+      return ReadWholeFile(controller_->log_path())
+                 .find(" requests (" + std::to_string(replayed) + " replayed from the journal)") !=
+             std::string::npos;
+    })) << ReadWholeFile(controller_->log_path());
   }
 };
 
