@@ -210,7 +210,15 @@ int BlockDevice::Validate(const Tracked* t) const {
 
 void BlockDevice::Submit(const BlockRequest& request, BlockCompletion* done) {
   Tracked* t = pool_.Get(this);
-  t->req = request;
+  // Field by field: the caller usually built `request` with one store per field just before,
+  // and a struct copy's 16-byte loads would each wait for several of those stores to retire
+  // (a store-forwarding stall).
+  t->req.op = request.op;
+  t->req.flags = request.flags;
+  t->req.offset = request.offset;
+  t->req.length = request.length;
+  t->req.iov = request.iov;
+  t->req.iovcnt = request.iovcnt;
   t->done = done;
   t->op = t->acct_op = request.op;
   t->start_ns = loop_->now_ns();
