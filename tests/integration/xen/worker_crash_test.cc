@@ -92,6 +92,45 @@ class WorkerCrashTest : public XenE2eTest {
     ASSERT_TRUE(status.ok()) << status.error_message();
   }
 
+  // A Blkfront on xvda of kGuest, one queue of 8 slots, connected (the guest's handles must be
+  // open: ConnectGuest).
+  std::unique_ptr<Blkfront> ConnectedFront() {
+    BlkfrontOptions options;
+    options.devid = kDevid;
+    options.slots_per_queue = 8;
+    options.timeout_ms = 20000;
+    auto front = std::make_unique<Blkfront>(guest_platform_.get(), guest_.get(), options);
+    absl::Status connected = front->Connect();
+    EXPECT_TRUE(connected.ok()) << connected << "\n" << ReadWholeFile(controller_->log_path());
+    return connected.ok() ? std::move(front) : nullptr;
+  }
+
+  // Writes `data` (whole 4 KiB blocks) at sector 0 through `front`, or reads that many blocks
+  // back into it; every request must succeed.
+  static void BlockIo(Blkfront& front, BlkfrontOp op, std::span<uint8_t> data) {
+    std::vector<GuestIo> ios(data.size() / kPage);
+    for (uint32_t b = 0; b < ios.size(); ++b) {
+      ios[b].request = {op, uint64_t{b} * kSectorsPerPage, kSectorsPerPage};
+      if (op == BlkfrontOp::kWrite) {
+        ios[b].write_data = data.subspan(b * kPage, kPage);
+      } else {
+        ios[b].read_data = data.subspan(b * kPage, kPage);
+      }
+    }
+    auto done = harness::RunGuestRequests(front, ios, 4);
+    ASSERT_TRUE(done.ok()) << done.status();
+    for (const BlkfrontCompletion& c : *done) ASSERT_EQ(c.status, BLKIF_RSP_OKAY);
+  }
+
+  // Eight 4 KiB blocks of a pattern.
+  static std::vector<uint8_t> Pattern(uint32_t seed) {
+    std::vector<uint8_t> pattern(8 * kPage);
+    for (size_t i = 0; i < pattern.size(); ++i) {
+      pattern[i] = static_cast<uint8_t>(i * seed + i / kPage + 1);
+    }
+    return pattern;
+  }
+
   // Runs bp-blkfront's verified randrw workload while killing the worker `run.kills` times,
   // each time once the previous generation has the guest connected and has served it a while.
   void RunWithKills(const CrashRun& run) {
@@ -249,29 +288,11 @@ TEST_F(WorkerCrashTest, WorkerKilledWhileTheGuestClosesLetsItCloseAndReconnect) 
   if (HasFatalFailure()) return;
   ConnectGuest(kGuest);
   if (HasFatalFailure()) return;
-  BlkfrontOptions options;
-  options.devid = kDevid;
-  options.slots_per_queue = 8;
-  options.timeout_ms = 20000;
-  auto connect = [&] {
-    blkfront_ = std::make_unique<Blkfront>(guest_platform_.get(), guest_.get(), options);
-    absl::Status connected = blkfront_->Connect();
-    ASSERT_TRUE(connected.ok()) << connected << "\n" << ReadWholeFile(controller_->log_path());
-  };
-  ASSERT_NO_FATAL_FAILURE(connect());
-
-  // Eight 4 KiB writes with persistent grants, so the worker holds maps of the guest's pages.
-  constexpr uint32_t kBlocks = 8;
-  std::vector<uint8_t> pattern(kBlocks * kPage);
-  for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = static_cast<uint8_t>(i * 7 + i / kPage);
-  std::vector<GuestIo> writes(kBlocks);
-  for (uint32_t b = 0; b < kBlocks; ++b) {
-    writes[b].request = {BlkfrontOp::kWrite, uint64_t{b} * kSectorsPerPage, kSectorsPerPage};
-    writes[b].write_data = std::span<const uint8_t>(pattern).subspan(b * kPage, kPage);
-  }
-  auto written = harness::RunGuestRequests(*blkfront_, writes, 4);
-  ASSERT_TRUE(written.ok()) << written.status();
-  for (const BlkfrontCompletion& c : *written) ASSERT_EQ(c.status, BLKIF_RSP_OKAY);
+  blkfront_ = ConnectedFront();
+  ASSERT_TRUE(blkfront_);
+  // Writes with persistent grants, so the worker holds maps of the guest's pages.
+  std::vector<uint8_t> pattern = Pattern(7);
+  ASSERT_NO_FATAL_FAILURE(BlockIo(*blkfront_, BlkfrontOp::kWrite, pattern));
 
   const v1::Device before = GetDevice();
   ASSERT_EQ(before.status().state(), v1::DEVICE_STATE_CONNECTED);
@@ -297,16 +318,10 @@ TEST_F(WorkerCrashTest, WorkerKilledWhileTheGuestClosesLetsItCloseAndReconnect) 
   })) << GetDevice().DebugString();
 
   // A fresh connection of the same guest, served by the new worker, sees the data.
-  ASSERT_NO_FATAL_FAILURE(connect());
+  blkfront_ = ConnectedFront();
+  ASSERT_TRUE(blkfront_);
   std::vector<uint8_t> read_back(pattern.size(), 0);
-  std::vector<GuestIo> reads(kBlocks);
-  for (uint32_t b = 0; b < kBlocks; ++b) {
-    reads[b].request = {BlkfrontOp::kRead, uint64_t{b} * kSectorsPerPage, kSectorsPerPage};
-    reads[b].read_data = std::span<uint8_t>(read_back).subspan(b * kPage, kPage);
-  }
-  auto read = harness::RunGuestRequests(*blkfront_, reads, 4);
-  ASSERT_TRUE(read.ok()) << read.status();
-  for (const BlkfrontCompletion& c : *read) EXPECT_EQ(c.status, BLKIF_RSP_OKAY);
+  ASSERT_NO_FATAL_FAILURE(BlockIo(*blkfront_, BlkfrontOp::kRead, read_back));
   EXPECT_EQ(read_back, pattern);
   EXPECT_TRUE(blkfront_->Disconnect().ok());
   blkfront_.reset();
@@ -324,23 +339,11 @@ TEST_F(WorkerCrashTest, FrontendThatStartsOverWhileNoWorkerRunsIsServedAfresh) {
   if (HasFatalFailure()) return;
   ConnectGuest(kGuest);
   if (HasFatalFailure()) return;
-  BlkfrontOptions options;
-  options.devid = kDevid;
-  options.slots_per_queue = 8;
-  options.timeout_ms = 20000;
-  blkfront_ = std::make_unique<Blkfront>(guest_platform_.get(), guest_.get(), options);
-  ASSERT_TRUE(blkfront_->Connect().ok()) << ReadWholeFile(controller_->log_path());
+  blkfront_ = ConnectedFront();
+  ASSERT_TRUE(blkfront_);
   // Some requests on the first rings, so that the journal's req_cons is past 0.
-  constexpr uint32_t kBlocks = 8;
-  std::vector<uint8_t> pattern(kBlocks * kPage);
-  for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = static_cast<uint8_t>(i * 13 + 1);
-  std::vector<GuestIo> writes(kBlocks);
-  for (uint32_t b = 0; b < kBlocks; ++b) {
-    writes[b].request = {BlkfrontOp::kWrite, uint64_t{b} * kSectorsPerPage, kSectorsPerPage};
-    writes[b].write_data = std::span<const uint8_t>(pattern).subspan(b * kPage, kPage);
-  }
-  auto written = harness::RunGuestRequests(*blkfront_, writes, 4);
-  ASSERT_TRUE(written.ok()) << written.status();
+  std::vector<uint8_t> pattern = Pattern(13);
+  ASSERT_NO_FATAL_FAILURE(BlockIo(*blkfront_, BlkfrontOp::kWrite, pattern));
 
   const v1::Device before = GetDevice();
   const pid_t pid = before.status().worker_pid();
@@ -348,8 +351,8 @@ TEST_F(WorkerCrashTest, FrontendThatStartsOverWhileNoWorkerRunsIsServedAfresh) {
   ASSERT_EQ(::kill(pid, SIGSTOP), 0);
   // The old driver is gone without closing (its pages stay granted, as Linux leaks them).
   std::unique_ptr<Blkfront> old = std::move(blkfront_);
-  blkfront_ = std::make_unique<Blkfront>(guest_platform_.get(), guest_.get(), options);
-  ASSERT_TRUE(blkfront_->Connect().ok());
+  blkfront_ = ConnectedFront();
+  ASSERT_TRUE(blkfront_);
   ASSERT_EQ(::kill(pid, SIGKILL), 0);
   EXPECT_TRUE(testing::WaitFor([&] {
     v1::Device device = GetDevice();
@@ -363,14 +366,7 @@ TEST_F(WorkerCrashTest, FrontendThatStartsOverWhileNoWorkerRunsIsServedAfresh) {
 
   // The new rings serve every request, and the data written through the old ones is there.
   std::vector<uint8_t> read_back(pattern.size(), 0);
-  std::vector<GuestIo> reads(kBlocks);
-  for (uint32_t b = 0; b < kBlocks; ++b) {
-    reads[b].request = {BlkfrontOp::kRead, uint64_t{b} * kSectorsPerPage, kSectorsPerPage};
-    reads[b].read_data = std::span<uint8_t>(read_back).subspan(b * kPage, kPage);
-  }
-  auto read = harness::RunGuestRequests(*blkfront_, reads, 4);
-  ASSERT_TRUE(read.ok()) << read.status();
-  for (const BlkfrontCompletion& c : *read) EXPECT_EQ(c.status, BLKIF_RSP_OKAY);
+  ASSERT_NO_FATAL_FAILURE(BlockIo(*blkfront_, BlkfrontOp::kRead, read_back));
   EXPECT_EQ(read_back, pattern);
   EXPECT_TRUE(blkfront_->Disconnect().ok());
   blkfront_.reset();
