@@ -34,18 +34,9 @@ if [ ! -f "$BUILD/CMakeCache.txt" ]; then
 fi
 nice ninja -C "$BUILD" -j1 blockplaned blockplane-worker bpctl bp-xenhost bp-blkfront >&2
 
-work=$(mktemp -d /tmp/bp-xenab.XXXXXX)
-pids=()
-cleanup() {
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[i]}" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-mkdir -p "$work/xen" "$work/disks"
-"$bin/bp-xenhost" --run-dir "$work/xen" --domain 5:65536:8192 >"$work/xh.out" 2>"$work/xh.log" &
-pids+=($!)
-for _ in $(seq 100); do grep -q READY "$work/xh.out" 2>/dev/null && break; sleep 0.1; done
+# shellcheck source=tests/bench/xen/common.sh
+. "$root/tests/bench/xen/common.sh"
+start_xenhost
 
 start_side() {  # SIDE WORKER-BINARY VDEV
   local side=$1 worker=$2 vdev=$3 pid

@@ -47,19 +47,10 @@ if [ ! -f "$FILE" ] || [ "$(stat -c %s "$FILE")" -ne $((1 << 30)) ]; then
   dd if=/dev/urandom of="$FILE" bs=1M count=1024 status=none
 fi
 
-work=$(mktemp -d /tmp/bp-xenbench.XXXXXX)
-pids=()
-cleanup() {
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[i]}" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-mkdir -p "$work/xen" "$work/disks"
+# shellcheck source=tests/bench/xen/common.sh
+. "$root/tests/bench/xen/common.sh"
 ln "$FILE" "$work/disks/bench.img" 2>/dev/null || cp --reflink=auto "$FILE" "$work/disks/bench.img"
-"$bin/bp-xenhost" --run-dir "$work/xen" --domain 5:65536:8192 >"$work/xh.out" 2>"$work/xh.log" &
-pids+=($!)
-for _ in $(seq 100); do grep -q READY "$work/xh.out" 2>/dev/null && break; sleep 0.1; done
+start_xenhost
 
 : >"$OUT/commands.txt"
 start_controller() {  # NAME [flags]
