@@ -204,6 +204,10 @@ absl::Status ValidateSpec(const v1::DeviceSpec& spec) {
           "spec.backend.null.size_bytes",
           absl::StrCat(size, " is above the limit of ", kMaxNullBackendSize, " bytes (1 PiB)"));
     }
+    if (absl::Status s = CheckEnum("spec.backend.null.completion", b.null().completion(),
+                                   v1::NullCompletion_IsValid);
+        !s.ok())
+      return s;
   }
   if (b.detect_zeroes() == v1::DETECT_ZEROES_UNMAP && b.discard() != v1::DISCARD_MODE_UNMAP) {
     return Invalid("spec.backend.detect_zeroes",
@@ -275,6 +279,9 @@ v1::DeviceSpec NormalizeSpec(const v1::DeviceSpec& spec) {
     b->set_detect_zeroes(v1::DETECT_ZEROES_OFF);
   }
   if (b->logical_block_size() == 0) b->set_logical_block_size(512);
+  if (b->has_null() && b->null().completion() == v1::NULL_COMPLETION_UNSPECIFIED) {
+    b->mutable_null()->set_completion(v1::NULL_COMPLETION_NOP);
+  }
   if (b->error_policy() == v1::ERROR_POLICY_UNSPECIFIED) {
     b->set_error_policy(v1::ERROR_POLICY_REPORT);
   }

@@ -209,6 +209,9 @@ absl::StatusOr<std::unique_ptr<Backend>> Worker::OpenBackend() {
     // The size the controller records (it follows resizes); the spec's for an older controller.
     options.capacity = config_.size_bytes() != 0 ? config_.size_bytes() : spec.null().size_bytes();
     options.zero_reads = spec.null().read_zeroes();
+    options.completion = spec.null().completion() == blockplane::v1::NULL_COMPLETION_DEFERRED
+                             ? NullBackend::Completion::kDeferred
+                             : NullBackend::Completion::kNop;
     return std::make_unique<NullBackend>(loop_.get(), options);
   }
   UringBackend::Options options;

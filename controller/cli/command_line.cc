@@ -137,6 +137,9 @@ absl::StatusOr<Request> BuildAttach(const Parsed& parsed) {
   if (f.Has("read-zeroes") && !null) {
     return absl::InvalidArgumentError("--read-zeroes needs --null-size");
   }
+  if (f.Has("null-completion") && !null) {
+    return absl::InvalidArgumentError("--null-completion needs --null-size");
+  }
   if (path != nullptr) backend->set_path(*path);
   if (null) {
     v1::NullBackendSpec* n = backend->mutable_null();
@@ -146,6 +149,10 @@ absl::StatusOr<Request> BuildAttach(const Parsed& parsed) {
     bool read_zeroes = false;
     BP_RETURN_IF_ERROR(SetIfGiven<bool>(f, "read-zeroes", ParseBool, &read_zeroes));
     n->set_read_zeroes(read_zeroes);
+    v1::NullCompletion completion = v1::NULL_COMPLETION_UNSPECIFIED;
+    BP_RETURN_IF_ERROR(
+        SetIfGiven<v1::NullCompletion>(f, "null-completion", ParseNullCompletion, &completion));
+    n->set_completion(completion);
   }
   v1::ImageFormat format = v1::IMAGE_FORMAT_UNSPECIFIED;
   BP_RETURN_IF_ERROR(SetIfGiven<v1::ImageFormat>(f, "format", ParseImageFormat, &format));
@@ -310,6 +317,9 @@ const std::vector<CommandSpec>& Commands() {
            {"null-size", "SIZE",
             "null backend of this size instead of a file (1G, 512M, bytes); writes are dropped"},
            {"read-zeroes", "", "null backend: reads return zeroes (default: buffers untouched)"},
+           {"null-completion", "nop|deferred",
+            "null backend: complete through an io_uring NOP (default) or on the next loop pass "
+            "without a kernel call (like QEMU's null-co)"},
            {"format", "FORMAT", "image format: raw (default raw)"},
            {"cache", "MODE", "none|writeback|writethrough (default none)"},
            {"read-only", "", "export the device read-only"},

@@ -76,10 +76,13 @@ std::string FrontendSummary(const v1::DeviceSpec& spec) {
 
 namespace {
 
-// The file, or "null" (with "read-zeroes") for a null backend.
+// The file, or "null" (with "read-zeroes" and "deferred" when set) for a null backend.
 std::string BackingSummary(const v1::BackendSpec& backend) {
   if (!backend.has_null()) return backend.path();
-  return backend.null().read_zeroes() ? "null read-zeroes" : "null";
+  std::string summary = "null";
+  if (backend.null().read_zeroes()) summary += " read-zeroes";
+  if (backend.null().completion() == v1::NULL_COMPLETION_DEFERRED) summary += " deferred";
+  return summary;
 }
 
 }  // namespace

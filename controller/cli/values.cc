@@ -196,6 +196,12 @@ absl::StatusOr<v1::DiscardMode> ParseDiscardMode(absl::string_view text) {
   return static_cast<v1::DiscardMode>(*n);
 }
 
+absl::StatusOr<v1::NullCompletion> ParseNullCompletion(absl::string_view text) {
+  auto n = ParseEnum(v1::NullCompletion_descriptor(), "NULL_COMPLETION_", "null completion", text);
+  if (!n.ok()) return n.status();
+  return static_cast<v1::NullCompletion>(*n);
+}
+
 absl::StatusOr<v1::DetectZeroes> ParseDetectZeroes(absl::string_view text) {
   auto n = ParseEnum(v1::DetectZeroes_descriptor(), "DETECT_ZEROES_", "detect-zeroes mode", text);
   if (!n.ok()) return n.status();

@@ -37,6 +37,7 @@ absl::StatusOr<bool> ParseBool(absl::string_view text);
 // "waiting-for-frontend", "vhost-user"). Matching ignores case and treats '_' like '-'.
 absl::StatusOr<v1::CacheMode> ParseCacheMode(absl::string_view text);
 absl::StatusOr<v1::DiscardMode> ParseDiscardMode(absl::string_view text);
+absl::StatusOr<v1::NullCompletion> ParseNullCompletion(absl::string_view text);
 absl::StatusOr<v1::DetectZeroes> ParseDetectZeroes(absl::string_view text);
 absl::StatusOr<v1::ErrorPolicy> ParseErrorPolicy(absl::string_view text);
 absl::StatusOr<v1::ImageFormat> ParseImageFormat(absl::string_view text);

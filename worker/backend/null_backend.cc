@@ -17,6 +17,10 @@ void NullBackend::SubmitOp(Op* op) {
     loop_->AddTimer(options_.latency, [this, op] { loop_->Defer(op, 0); });
     return;
   }
+  if (options_.completion == Completion::kDeferred) {
+    loop_->Defer(op, 0);
+    return;
+  }
   if (!loop_->SubmitNop(op)) {
     loop_->AddSqeWaiter([this, op] { SubmitOp(op); });
   }

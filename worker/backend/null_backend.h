@@ -1,8 +1,10 @@
 #pragma once
 
 // NullBackend: reads return zeroes, writes are dropped. For benchmarks of the layers above.
-// Every request completes through an io_uring NOP on the loop's ring (or after `latency` via a
-// loop timer), so a benchmark measures the full submit/reap path, not a function call.
+// By default every request completes through an io_uring NOP on the loop's ring (or after
+// `latency` via a loop timer), so a benchmark measures the full submit/reap path, not a function
+// call. Completion::kDeferred completes on the loop's next pass with no kernel call instead, as
+// QEMU's null-co and SPDK's null bdev do: what is measured is then the stack above alone.
 
 #include <chrono>
 #include <cstring>
@@ -15,8 +17,10 @@ namespace blockplane::worker {
 
 class NullBackend final : public Backend {
  public:
+  enum class Completion { kNop, kDeferred };
   struct Options {
     uint64_t capacity = uint64_t{1} << 30;
+    Completion completion = Completion::kNop;
     BackendLimits limits;
     // Reads fill their buffers with zeroes (costs a memset); false leaves buffers untouched.
     bool zero_reads = false;

@@ -10,13 +10,16 @@
 #   - a null backend (spec.backend.null: every request completes through an io_uring NOP),
 #     compared with the raw io_uring NOP rate in batches of 32 (dataplane_bench nop --batch 32;
 #     target: QD32 >= 0.5x), run right before and right after each null run at QD32: each
-#     run's ratio is to the mean of the two,
+#     run's ratio is to the mean of the two; and the same null device with deferred completion
+#     (spec.backend.null.completion: no kernel call per request, like QEMU's null-co), polled
+#     only, which leaves the stack alone in the measurement,
 # 4 KiB random reads at QD1 and QD32, each in two modes:
 #   - notify: the guest sleeps on its event channel, the worker sleeps in io_uring until kicked;
 #   - poll:   the guest spins on its ring (bp-blkfront --poll, never asks for a kick) and the
 #             worker polls the ring (blockplaned --xen-poll-us), so no events flow while busy.
 # The two modes need two controllers (the poll window is a controller flag): "notify" serves
-# xvda (file) and xvdb (null), "poll" serves xvdc (file) and xvdd (null), all for guest 5.
+# xvda (file) and xvdb (null), "poll" serves xvdc (file), xvdd (null) and xvde (null deferred), all
+# for guest 5.
 #
 # Pinning (2 cores): the guest (bp-blkfront) on GUEST_CPU, each worker (all threads) on
 # WORKER_CPU; fio and dataplane_bench, which are the whole stack in one process, on WORKER_CPU.
@@ -81,6 +84,7 @@ attach notify file-notify xvda --path "$work/disks/bench.img" --cache none
 attach notify null-notify xvdb --null-size 1G
 attach poll file-poll xvdc --path "$work/disks/bench.img" --cache none
 attach poll null-poll xvdd --null-size 1G
+attach poll nulld-poll xvde --null-size 1G --null-completion deferred
 echo "taskset -a -p -c $WORKER_CPU <worker pid>  # every worker, after attach" >>"$OUT/commands.txt"
 
 cpu_ticks() {  # PID -> utime + stime of the whole process, in clock ticks
@@ -108,6 +112,7 @@ for qd in 1 32; do
   blkfront_cmd xvdc "$qd" --poll >>"$OUT/commands.txt"
   blkfront_cmd xvdb "$qd" >>"$OUT/commands.txt"
   blkfront_cmd xvdd "$qd" --poll >>"$OUT/commands.txt"
+  blkfront_cmd xvde "$qd" --poll >>"$OUT/commands.txt"
 done
 
 run_blkfront() {  # REP QD CONTENDER DEVICE-ID VDEV [--poll]
@@ -151,6 +156,8 @@ for rep in $(seq "$REPS"); do
     [ "$qd" = 32 ] && run_nop "$rep" between
     run_blkfront "$rep" "$qd" "null poll" null-poll xvdd --poll
     [ "$qd" = 32 ] && run_nop "$rep" after
+    run_blkfront "$rep" "$qd" "null deferred poll" nulld-poll xvde --poll
+    [ "$qd" = 32 ] && run_nop "$rep" last
     echo "rep $rep qd $qd done" >&2
   done
 done
@@ -169,11 +176,14 @@ def nop_at(at):
 nop_bracket = {
     "null notify": [(a + b) / 2 for a, b in zip(nop_at("before"), nop_at("between"))],
     "null poll": [(a + b) / 2 for a, b in zip(nop_at("between"), nop_at("after"))],
+    "null deferred poll": [(a + b) / 2 for a, b in zip(nop_at("after"), nop_at("last"))],
 }
-contenders = ["fio io_uring O_DIRECT", "file notify", "file poll", "null notify", "null poll"]
+contenders = ["fio io_uring O_DIRECT", "file notify", "file poll", "null notify", "null poll",
+              "null deferred poll"]
 res = {"nop_batch32": {"median_ops_per_sec": statistics.median(nop), "runs": nop,
                        "bracketing_null_notify": nop_bracket["null notify"],
-                       "bracketing_null_poll": nop_bracket["null poll"]}}
+                       "bracketing_null_poll": nop_bracket["null poll"],
+                       "bracketing_null_deferred_poll": nop_bracket["null deferred poll"]}}
 for qd in (1, 32):
     q = {}
     for c in contenders:
@@ -228,7 +238,14 @@ with open(f"{out}/results.md", "w") as md:
                      f"| {n['median_p50_us']:.1f} / {n['median_p99_us']:.1f} "
                      f"| {p['median_p50_us']:.1f} / {p['median_p99_us']:.1f} "
                      f"| {n['median_worker_cpu_ns_per_op']:.0f} / {p['median_worker_cpu_ns_per_op']:.0f} |\n")
-    md.write("\nTargets: file QD32 >= 0.9x fio; null QD32 >= 0.5x the NOP rate.\n\nCommands:\n\n```\n")
+        d = q["null deferred poll"]
+        dratio = f" ({d['median_paired_ratio']:.3f}x NOP)" if qd == 32 else ""
+        md.write(f"| {qd} | null, deferred completion | - | - | {d['median_iops']:.0f}{dratio} | - "
+                 f"| {d['median_p50_us']:.1f} / {d['median_p99_us']:.1f} "
+                 f"| - / {d['median_worker_cpu_ns_per_op']:.0f} |\n")
+    md.write("\nTargets: file QD32 >= 0.9x fio; null QD32 >= 0.5x the NOP rate. \"null\" completes "
+             "every request through an io_uring NOP; \"deferred completion\" makes no kernel call "
+             "per request (QEMU's null-co).\n\nCommands:\n\n```\n")
     md.write("\n".join(res["commands"]) + "\n```\n")
 print(open(f"{out}/results.md").read())
 PY

@@ -270,6 +270,16 @@ TEST(ValidateSpecTest, NullBackend) {
   EXPECT_TRUE(absl::StrContains(s.message(), "4096")) << s;
   EXPECT_TRUE(IsInvalid(ValidateSpec(NullXenSpec(kMaxNullBackendSize + 512)),
                         "spec.backend.null.size_bytes"));
+  // Both completions are valid; a value the API does not define is refused, naming the field.
+  spec = NullXenSpec();
+  spec.mutable_backend()->mutable_null()->set_completion(v1::NULL_COMPLETION_DEFERRED);
+  EXPECT_TRUE(ValidateSpec(spec).ok()) << ValidateSpec(spec);
+  spec.mutable_backend()->mutable_null()->set_completion(v1::NULL_COMPLETION_NOP);
+  EXPECT_TRUE(ValidateSpec(spec).ok()) << ValidateSpec(spec);
+  spec.mutable_backend()->mutable_null()->set_completion(v1::NullCompletion(3));
+  s = ValidateSpec(spec);
+  EXPECT_TRUE(IsInvalid(s, "spec.backend.null.completion")) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "unknown value")) << s;
   // An empty null message is set: its size is what is wrong.
   spec = NullXenSpec();
   spec.mutable_backend()->mutable_null()->Clear();
@@ -823,6 +833,12 @@ TEST(NormalizeSpecTest, NullBackendKeepsItsFields) {
   EXPECT_EQ(n.backend().path(), "");
   EXPECT_EQ(n.backend().logical_block_size(), 512u);
   EXPECT_EQ(n.backend().cache(), v1::CACHE_MODE_NONE);
+  // Unspecified completion is spelled out as the default; an explicit one is kept.
+  EXPECT_EQ(n.backend().null().completion(), v1::NULL_COMPLETION_NOP);
+  spec.mutable_backend()->mutable_null()->set_completion(v1::NULL_COMPLETION_DEFERRED);
+  EXPECT_EQ(NormalizeSpec(spec).backend().null().completion(), v1::NULL_COMPLETION_DEFERRED);
+  // A file backend gets no null message from normalisation.
+  EXPECT_FALSE(NormalizeSpec(XenSpec()).backend().has_null());
 }
 
 TEST(ValidateResizeTest, ReadOnlyDevice) {

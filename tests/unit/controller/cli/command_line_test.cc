@@ -118,6 +118,14 @@ TEST(CommandLineTest, AttachNullBackend) {
              backend { null { size_bytes: 1073741824 read_zeroes: true } }
              xen { domid: 5 virtual_device: "xvda" }
            })pb");
+  ExpectRequest<v1::AttachDeviceRequest>(
+      Parse({"attach", "bench", "--null-size", "1G", "--null-completion", "deferred", "--xen-domid",
+             "5", "--xen-vdev", "xvda"}),
+      R"pb(device_id: "bench"
+           spec {
+             backend { null { size_bytes: 1073741824 completion: NULL_COMPLETION_DEFERRED } }
+             xen { domid: 5 virtual_device: "xvda" }
+           })pb");
   // Without --read-zeroes; a size of 0 is the server's to refuse (it names the field).
   ExpectRequest<v1::AttachDeviceRequest>(
       Parse({"attach", "bench", "--null-size=0", "--vhost-socket", "/run/b.sock"}),
@@ -160,6 +168,14 @@ TEST(CommandLineTest, AttachUsageErrors) {
             "attach: --path and --null-size are exclusive: a device has one backend");
   EXPECT_EQ(UsageError({"attach", "d", "--path", "/p", "--read-zeroes", "--vhost-socket", "/s"}),
             "attach: --read-zeroes needs --null-size");
+  EXPECT_EQ(UsageError({"attach", "d", "--path", "/p", "--null-completion", "deferred",
+                        "--vhost-socket", "/s"}),
+            "attach: --null-completion needs --null-size");
+  EXPECT_TRUE(absl::StartsWith(UsageError({"attach", "d", "--null-size", "1G", "--null-completion",
+                                           "soon", "--vhost-socket", "/s"}),
+                               "attach: --null-completion: "))
+      << UsageError({"attach", "d", "--null-size", "1G", "--null-completion", "soon",
+                     "--vhost-socket", "/s"});
   EXPECT_TRUE(
       absl::StartsWith(UsageError({"attach", "d", "--null-size", "lots", "--vhost-socket", "/s"}),
                        "attach: --null-size: invalid size"));
