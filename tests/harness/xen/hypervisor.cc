@@ -313,6 +313,17 @@ void Hypervisor::DropConnection(int fd) {
   connections_.erase(fd);  // closes
 }
 
+// As Xen's get_free_port(): the lowest port number not in use, so a closed port's number comes
+// back (a frontend that starts over may get the event channel of its previous connection).
+uint32_t Hypervisor::LowestFreePort(const Domain& domain) {
+  uint32_t port = 1;  // port 0 is reserved
+  for (const auto& [used, entry] : domain.ports) {
+    if (used != port) break;
+    ++port;
+  }
+  return port;
+}
+
 bool Hypervisor::ClosePort(DomainId domid, uint32_t port) {
   Domain& self = DomainOf(domid);
   auto it = self.ports.find(port);
@@ -397,7 +408,7 @@ void Hypervisor::Handle(int fd, DomainId caller, const HypervisorRequest& reques
           return;
         }
       }
-      uint32_t port = self.next_port++;
+      const uint32_t port = LowestFreePort(self);
       self.ports[port] = Port{target, 0, false, channel, 0, fd};
       reply->value0 = port;
       fds->push_back(channel->wake[0].get());  // receive
@@ -422,7 +433,7 @@ void Hypervisor::Handle(int fd, DomainId caller, const HypervisorRequest& reques
         reply->error = ENOSPC;
         return;
       }
-      uint32_t port = self.next_port++;
+      const uint32_t port = LowestFreePort(self);
       std::shared_ptr<Channel> channel = remote->second.channel;
       remote->second.bound = true;
       remote->second.remote_port = port;

@@ -89,14 +89,14 @@ class Hypervisor {
     common::UniqueFd grant_table;
     common::UniqueFd status;  // DomainStatus page
     std::unique_ptr<Grants> grants;
-    common::UniqueFd listener;  // guests only
-    std::map<uint32_t, Port> ports;
-    uint32_t next_port = 1;
+    common::UniqueFd listener;       // guests only
+    std::map<uint32_t, Port> ports;  // by port number, from 1
   };
 
   absl::Status Listen(DomainId domid);
   void Accept(DomainId domid, int listen_fd);
   void OnRequest(DomainId domid, int fd);
+  static uint32_t LowestFreePort(const Domain& domain);
   // Closes `port` of `domid` (EVTCHNOP_close semantics). False if there is no such port.
   bool ClosePort(DomainId domid, uint32_t port);
   // Closes the connection `fd` and every event-channel port it opened.
