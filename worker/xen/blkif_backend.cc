@@ -9,6 +9,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <list>
+#include <optional>
+#include <random>
 #include <span>
 
 #include "absl/strings/numbers.h"
@@ -31,6 +33,14 @@ constexpr uint32_t kMaxRingPageOrderLimit = 4;  // XENBUS_MAX_RING_GRANT_ORDER
 
 // Reads a decimal key. NotFound gives `fallback` when there is one; anything that is not a number
 // is InvalidArgument (the frontend's directory is guest-writable).
+// A random, non-zero ring mark (blkif_ring.h: WriteRingMark).
+uint64_t NewRingMark() {
+  std::random_device device;
+  uint64_t mark = 0;
+  while (mark == 0) mark = uint64_t{device()} << 32 | device();
+  return mark;
+}
+
 absl::StatusOr<uint64_t> ReadNumber(XenStore& store, const std::string& path,
                                     std::optional<uint64_t> fallback) {
   absl::StatusOr<std::string> text = store.Read(path, kNoTransaction);
@@ -457,16 +467,41 @@ absl::Status BlkifBackend::ConnectRings() {
     identity.ring_refs[q] = refs[size_t{q} * pages];
     identity.event_channels[q] = ports[q];
   }
+  // Each queue's ring pages.
+  auto ring_bytes = [&](uint32_t q) {
+    return rings->bytes().subspan(size_t{q} * pages * kXenPageSize, size_t{pages} * kXenPageSize);
+  };
+  auto as_u8 = [](std::span<std::byte> bytes) {
+    return std::span<uint8_t>(reinterpret_cast<uint8_t*>(bytes.data()), bytes.size());
+  };
+  // The mark every queue's ring carries (0 if they differ or carry none): the rings a crashed
+  // worker of this connection served still carry the one it recorded (blkif_journal.h).
+  identity.ring_mark = ReadRingMark(as_u8(ring_bytes(0)));
+  for (uint32_t q = 1; q < queues; ++q) {
+    if (ReadRingMark(as_u8(ring_bytes(q))) != identity.ring_mark) identity.ring_mark = 0;
+  }
   // The frontend is still connected to the rings a crashed worker of this device served.
-  const bool resume = journal_->Recorded(identity);
+  const bool resume = identity.ring_mark != 0 && journal_->Recorded(identity);
+  if (!resume) {
+    if (std::optional<JournalIdentity> recorded = journal_->RecordedIdentity()) {
+      JournalIdentity same_rings = identity;
+      same_rings.ring_mark = recorded->ring_mark;
+      if (same_rings == *recorded) {
+        BP_LOG(Warning) << "blkback " << options_.backend_path
+                        << ": the frontend started its rings over on the same grant refs and "
+                           "event channels (the backend's mark is gone): the request journal of "
+                           "the previous rings is not applied";
+      }
+    }
+    identity.ring_mark = NewRingMark();
+    for (uint32_t q = 0; q < queues; ++q) WriteRingMark(as_u8(ring_bytes(q)), identity.ring_mark);
+  }
   std::vector<uint32_t> starts;
   const uint32_t max_segments =
       std::max<uint32_t>(BLKIF_MAX_SEGMENTS_PER_REQUEST, max_indirect_segments_);
   for (uint32_t q = 0; q < queues; ++q) {
     auto queue = std::make_unique<Queue>(this, q);
-    std::span<std::byte> bytes =
-        rings->bytes().subspan(size_t{q} * pages * kXenPageSize, size_t{pages} * kXenPageSize);
-    if (absl::Status s = AttachQueue(*queue, bytes, resume); !s.ok()) return s;
+    if (absl::Status s = AttachQueue(*queue, ring_bytes(q), resume); !s.ok()) return s;
     starts.push_back(queue->ring->rsp_prod_pvt());
     absl::StatusOr<std::unique_ptr<common::xen::EventChannel>> channel =
         platform_->BindInterdomain(options_.frontend_domid, ports[q]);

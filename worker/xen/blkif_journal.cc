@@ -149,6 +149,11 @@ bool BlkifJournal::Recorded(const JournalIdentity& identity) const {
          layout_->header.identity == identity;
 }
 
+std::optional<JournalIdentity> BlkifJournal::RecordedIdentity() const {
+  if (layout_->header.connected.load(std::memory_order_acquire) != 1) return std::nullopt;
+  return layout_->header.identity;
+}
+
 void BlkifJournal::Begin(const JournalIdentity& identity, std::span<const uint32_t> start) {
   // A crash in the middle leaves "not connected": the next generation starts fresh, which is
   // right, as nothing of this connection was taken yet.

@@ -31,6 +31,13 @@
 //     response; replay it (its old response slot is rewritten from rsp_prod). -> not lost
 //   kAnswered with rsp_idx < rsp_prod: the guest has its response (crashed between the push and
 //     5): discard.                                                           -> no duplicate
+// Which connection: the journal resumes only the rings it was written for (JournalIdentity). Grant
+// refs and event-channel ports alone do not tell: a frontend that starts over while no worker runs
+// may get the same ones back (Xen hands out the lowest free port; guests reuse freed refs), and
+// its fresh rings (rsp_prod 0) would pass the consistency check below if the dead worker had not
+// published a response yet. So at connect the backend writes a random mark into each ring's
+// header (ring_mark: 8 bytes of the sring's __pad, which the frontend's SHARED_RING_INIT zeroes
+// and nothing else writes) and records it; rings that no longer carry it are new.
 // The next generation resumes with rsp_prod_pvt = rsp_prod and req_cons = queue.req_cons; the
 // entries to replay must then number exactly req_cons - rsp_prod (every taken request has one
 // entry until its response is published), which recovery checks. Replayed kAnswered entries go
@@ -50,6 +57,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -61,7 +69,7 @@
 namespace blockplane::worker::xen {
 
 inline constexpr uint64_t kBlkifJournalMagic = 0x314c4e524a425042ull;  // "BPBJRNL1"
-inline constexpr uint32_t kBlkifJournalVersion = 1;
+inline constexpr uint32_t kBlkifJournalVersion = 2;  // 2: JournalIdentity::ring_mark
 inline constexpr uint32_t kJournalMaxQueues = 16;    // multi-queue-max-queues limit
 inline constexpr uint32_t kJournalMaxEntries = 512;  // a 16-page ring of any ABI
 inline constexpr size_t kJournalRequestBytes = 112;  // the largest request of the three ABIs
@@ -91,6 +99,9 @@ struct JournalIdentity {
   uint32_t num_queues = 0;
   uint32_t ring_refs[kJournalMaxQueues] = {};  // first ring page of each queue
   uint32_t event_channels[kJournalMaxQueues] = {};
+  // The mark written into every queue's ring header at connect (blkif_ring.h, WriteRingMark);
+  // never 0 once recorded.
+  uint64_t ring_mark = 0;
   bool operator==(const JournalIdentity&) const = default;
 };
 
@@ -155,6 +166,8 @@ class BlkifJournal {
 
   // True if the journal records a live connection with this identity (a worker of it crashed).
   bool Recorded(const JournalIdentity& identity) const;
+  // The identity of the live connection recorded, if any.
+  std::optional<JournalIdentity> RecordedIdentity() const;
   // Starts recording a fresh connection: every queue empty, req_cons = `start[q]`.
   void Begin(const JournalIdentity& identity, std::span<const uint32_t> start);
   // The connection was closed cleanly: nothing to recover.

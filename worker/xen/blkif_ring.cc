@@ -35,6 +35,25 @@ static_assert(kCommonResponseLayout<struct blkif_response>);
 
 }  // namespace
 
+static_assert(kRingMarkOffset >= offsetof(struct blkif_sring, __pad) &&
+              kRingMarkOffset + sizeof(uint64_t) <=
+                  offsetof(struct blkif_sring, __pad) + sizeof(blkif_sring::__pad) &&
+              kRingMarkOffset % alignof(uint64_t) == 0);
+
+uint64_t ReadRingMark(std::span<const uint8_t> shared) {
+  if (shared.size() < kSringHeaderSize) return 0;
+  // atomic_ref needs a non-const object; the load does not write.
+  return std::atomic_ref<uint64_t>(
+             *reinterpret_cast<uint64_t*>(const_cast<uint8_t*>(shared.data()) + kRingMarkOffset))
+      .load(std::memory_order_relaxed);
+}
+
+void WriteRingMark(std::span<uint8_t> shared, uint64_t mark) {
+  if (shared.size() < kSringHeaderSize) return;
+  std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(shared.data() + kRingMarkOffset))
+      .store(mark, std::memory_order_relaxed);
+}
+
 uint32_t RingEntries(Protocol protocol, size_t ring_bytes) {
   if (ring_bytes <= kSringHeaderSize) return 0;
   const size_t entries = (ring_bytes - kSringHeaderSize) / LayoutOf(protocol).entry_size;

@@ -36,6 +36,16 @@ using RingIdx = uint32_t;  // RING_IDX
 // down to a power of two (0 if none fit). One page: 32 entries for every ABI.
 uint32_t RingEntries(Protocol protocol, size_t ring_bytes);
 
+// The backend's mark in a shared ring's header: 8 bytes of the sring's __pad, which the
+// frontend's SHARED_RING_INIT zeroes and the ring protocol never writes otherwise. The backend
+// writes a random one at connect and records it in its request journal, so that a later worker
+// can tell the rings it was written for from rings the frontend started over on the same grant
+// refs (blkif_journal.h). Relaxed single 8-byte accesses: the page is guest-writable, and a
+// guest that changes the mark only makes its own rings look new.
+inline constexpr size_t kRingMarkOffset = 24;
+uint64_t ReadRingMark(std::span<const uint8_t> shared);
+void WriteRingMark(std::span<uint8_t> shared, uint64_t mark);
+
 class BlkifBackRing {
  public:
   // Slots whose cache lines PollRequests() prefetches (a ring pass takes at most this many).

@@ -17,8 +17,10 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -371,6 +373,96 @@ TEST_F(WorkerCrashTest, FrontendThatStartsOverWhileNoWorkerRunsIsServedAfresh) {
   EXPECT_TRUE(blkfront_->Disconnect().ok());
   blkfront_.reset();
   old.reset();
+}
+
+// The narrow case of the test above: the old frontend had requests taken (recorded in the
+// journal) and no response published yet, and the new one starts over on the same grant refs, the
+// same ring page and the same event-channel port (Xen hands out the lowest free port, guests reuse
+// freed refs). Grant refs, ports and counts then all match the journal, and its requests (3
+// taken, rsp_prod 0) add up on the fresh ring as well; only the mark the backend wrote into the
+// ring header at connect, which the new frontend's SHARED_RING_INIT wiped, tells the rings apart.
+// Without it the next generation would answer the old requests on the new ring (ids the new
+// frontend never issued) and skip the new frontend's first three requests.
+TEST_F(WorkerCrashTest, FrontendThatStartsOverOnTheSameRefsAndPortIsServedAfresh) {
+  Start(CrashRun{.queues = 1});
+  if (HasFatalFailure()) return;
+  ConnectGuest(kGuest);
+  if (HasFatalFailure()) return;
+  std::unique_ptr<Blkfront> old = ConnectedFront();
+  ASSERT_TRUE(old);
+  // Drained: the worker takes (and journals) the next requests, but the block layer holds them.
+  {
+    grpc::ClientContext context;
+    v1::DrainDeviceRequest drain;
+    drain.set_device_id("xd0");
+    v1::Device drained;
+    ASSERT_TRUE(controller_->stub().DrainDevice(&context, drain, &drained).ok());
+    ASSERT_EQ(drained.status().state(), v1::DEVICE_STATE_DRAINED);
+  }
+  for (uint32_t i = 0; i < 3; ++i) {
+    std::optional<uint32_t> slot = old->AcquireSlot(0);
+    ASSERT_TRUE(slot.has_value());
+    std::memset(old->Slot(0, *slot).data.data(), 0x77, kPage);
+    ASSERT_TRUE(
+        old->Enqueue(0, *slot, {BlkfrontOp::kWrite, uint64_t{i} * kSectorsPerPage, kSectorsPerPage})
+            .ok());
+  }
+  ASSERT_TRUE(old->Push(0).ok());
+  // All three taken: the backend asked for a kick at the next request (req_event = req_prod + 1).
+  auto shared_word = [](const Blkfront& front, size_t offset) {
+    return std::atomic_ref<uint32_t>(*reinterpret_cast<uint32_t*>(front.queues()[0].ring + offset))
+        .load(std::memory_order_acquire);
+  };
+  ASSERT_TRUE(testing::WaitFor([&] {
+    return shared_word(*old, offsetof(blkif_sring, req_event)) == 4u &&
+           shared_word(*old, offsetof(blkif_sring, req_prod)) == 3u;
+  })) << ReadWholeFile(controller_->log_path());
+  EXPECT_EQ(shared_word(*old, offsetof(blkif_sring, rsp_prod)), 0u);
+  const common::xen::GrantRef old_ring_ref = old->queues()[0].ring_refs[0];
+  const uint32_t old_port = old->queues()[0].event_channel->local_port();
+
+  const v1::Device before = GetDevice();
+  const pid_t pid = before.status().worker_pid();
+  ASSERT_GT(pid, 0);
+  ASSERT_EQ(::kill(pid, SIGSTOP), 0);
+  // The old driver goes away without closing; its event channel is closed and its ring ref is
+  // given again to the new driver's ring, on the same page.
+  old.reset();
+  blkfront_ = ConnectedFront();
+  ASSERT_TRUE(blkfront_);
+  // The case this test is about (otherwise the identity check alone tells the rings apart).
+  ASSERT_EQ(blkfront_->queues()[0].ring_refs[0], old_ring_ref);
+  ASSERT_EQ(blkfront_->queues()[0].event_channel->local_port(), old_port);
+  ASSERT_EQ(::kill(pid, SIGKILL), 0);
+  // The controller drains the next generation again (the device stays drained across worker
+  // restarts); then the test resumes it.
+  v1::Device after;
+  ASSERT_TRUE(testing::WaitFor([&] {
+    after = GetDevice();
+    return after.status().worker_generation() > before.status().worker_generation() &&
+           after.status().state() == v1::DEVICE_STATE_DRAINED;
+  })) << after.DebugString();
+  {
+    grpc::ClientContext context;
+    v1::ResumeDeviceRequest resume;
+    resume.set_device_id("xd0");
+    v1::Device resumed;
+    ASSERT_TRUE(controller_->stub().ResumeDevice(&context, resume, &resumed).ok());
+  }
+  const std::string log = ReadWholeFile(controller_->log_path());
+  EXPECT_THAT(log, HasSubstr("started its rings over")) << log;
+  EXPECT_THAT(log, Not(HasSubstr("resumed at rsp_prod"))) << log;
+
+  // The new rings serve every request from their first, and nothing answers the old ones there.
+  std::vector<uint8_t> pattern = Pattern(29);
+  ASSERT_NO_FATAL_FAILURE(BlockIo(*blkfront_, BlkfrontOp::kWrite, pattern));
+  std::vector<uint8_t> read_back(pattern.size(), 0);
+  ASSERT_NO_FATAL_FAILURE(BlockIo(*blkfront_, BlkfrontOp::kRead, read_back));
+  EXPECT_EQ(read_back, pattern);
+  EXPECT_EQ(blkfront_->counters().bogus_responses, 0u);
+  EXPECT_EQ(ReplayedInStatsSegment(worker::StatsSegmentPath(controller_->state_dir(), "xd0")), 0);
+  EXPECT_TRUE(blkfront_->Disconnect().ok());
+  blkfront_.reset();
 }
 
 }  // namespace

@@ -138,11 +138,13 @@ TEST_F(BlkifJournalFileTest, SurvivesAGenerationAndIsForgottenAfterEnd) {
   identity.frontend_domid = 5;
   identity.num_queues = 2;
   identity.ring_refs[1] = 33;
+  identity.ring_mark = 0x1234567890abcdefull;
   const uint32_t starts[] = {0, 7};
   {
     auto journal = BlkifJournal::Open(path_);
     ASSERT_TRUE(journal.ok()) << journal.status();
     EXPECT_FALSE((*journal)->Recorded(identity));
+    EXPECT_FALSE((*journal)->RecordedIdentity().has_value());
     (*journal)->Begin(identity, starts);
     const uint8_t slot[4] = {1, 2, 3, 4};
     (*journal)->Record((*journal)->queue(1), 3, 7, slot);
@@ -156,6 +158,12 @@ TEST_F(BlkifJournalFileTest, SurvivesAGenerationAndIsForgottenAfterEnd) {
     JournalIdentity other = identity;
     other.event_channels[0] = 9;
     EXPECT_FALSE((*journal)->Recorded(other));
+    // Same refs and ports, rings started over (their mark is gone): another connection.
+    JournalIdentity restarted = identity;
+    restarted.ring_mark = 0;
+    EXPECT_FALSE((*journal)->Recorded(restarted));
+    ASSERT_TRUE((*journal)->RecordedIdentity().has_value());
+    EXPECT_EQ(*(*journal)->RecordedIdentity(), identity);
     JournalQueue& q = (*journal)->queue(1);
     EXPECT_EQ(q.req_cons.load(), 8u);
     EXPECT_EQ(q.entries[3].state.load(), Answered(7));
@@ -167,6 +175,7 @@ TEST_F(BlkifJournalFileTest, SurvivesAGenerationAndIsForgottenAfterEnd) {
   auto journal = BlkifJournal::Open(path_);
   ASSERT_TRUE(journal.ok());
   EXPECT_FALSE((*journal)->Recorded(identity));
+  EXPECT_FALSE((*journal)->RecordedIdentity().has_value());
 }
 
 TEST_F(BlkifJournalFileTest, AFileOfAnotherLayoutIsReplacedAndAMissingOneRefused) {

@@ -178,6 +178,31 @@ TEST_P(BlkifRingTest, RequestsPublishedAfterThePollWaitForTheNextPoll) {
   EXPECT_TRUE(ring.NextRequestSlot().has_value());
 }
 
+TEST_P(BlkifRingTest, RingMarkLivesInThePadAndSharedRingInitWipesIt) {
+  BlkifBackRing ring = Attach();
+  front_.Queue(7);
+  front_.Push();
+  const std::span<uint8_t> shared = pages_.span();
+  std::vector<uint8_t> before(shared.begin(), shared.end());
+  WriteRingMark(shared, 0x0102030405060708ull);
+  EXPECT_EQ(ReadRingMark(shared), 0x0102030405060708ull);
+  // Only the 8 bytes at kRingMarkOffset changed: not the indexes, not an entry.
+  for (size_t i = 0; i < shared.size(); ++i) {
+    if (i >= kRingMarkOffset && i < kRingMarkOffset + 8) continue;
+    ASSERT_EQ(shared[i], before[i]) << i;
+  }
+  EXPECT_EQ(Get<uint64_t>(shared.data(), kRingMarkOffset), 0x0102030405060708ull);
+  // The ring works as before.
+  ASSERT_EQ(*ring.PollRequests(), 1u);
+  ASSERT_TRUE(ring.NextRequestSlot().has_value());
+  // SHARED_RING_INIT, as every frontend runs it on a new ring, zeroes the whole pad.
+  auto* sring = reinterpret_cast<blkif_sring*>(shared.data());
+  SHARED_RING_INIT(sring);
+  EXPECT_EQ(ReadRingMark(shared), 0u);
+  // A span too short for the header reads as no mark and is not written.
+  EXPECT_EQ(ReadRingMark(std::span<const uint8_t>(shared.data(), 16)), 0u);
+}
+
 TEST_P(BlkifRingTest, ResponseLayoutAndNoLeakedBytes) {
   BlkifBackRing ring = Attach();
   front_.Queue(7);
