@@ -465,10 +465,17 @@ void EventLoop::RunOnce(bool block) {
 }
 
 void EventLoop::Run() {
+  // For as long as this thread runs the loop, io_uring_enter takes the ring from the thread's
+  // registered-ring table instead of looking up (and, in a multi-threaded process, reference
+  // counting) the ring's fd on every call. Registration is per thread, which is why it is done
+  // here: only this thread enters the ring until Run() returns (RunOnce/RunUntil callers may
+  // hop threads, so they keep the plain fd). Best effort: kernels before 5.18 refuse it.
+  const bool registered = io_uring_register_ring_fd(&ring_->ring) == 1;
   while (true) {
     RunOnce(/*block=*/true);
     if (stop_.exchange(false, std::memory_order_acq_rel)) break;
   }
+  if (registered) io_uring_unregister_ring_fd(&ring_->ring);
 }
 
 void EventLoop::RunUntil(const std::function<bool()>& done) {
