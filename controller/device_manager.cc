@@ -141,7 +141,10 @@ internal::WorkerConfig DeviceManager::MakeConfig(const v1::Device& device) const
     config.set_xen_run_dir(options_.xen_run_dir);
     config.set_xen_grant_copy(options_.xen_grant_copy);
     config.set_xen_max_persistent_grants(static_cast<uint32_t>(options_.xen_max_persistent_grants));
-    config.set_xen_poll_us(static_cast<uint32_t>(options_.xen_poll_us));
+    // The device's own polling window, else the controller's default.
+    config.set_xen_poll_us(device.spec().xen().has_poll_us()
+                               ? device.spec().xen().poll_us()
+                               : static_cast<uint32_t>(options_.xen_poll_us));
     if (absl::StatusOr<uint32_t> devid =
             ParseXenVirtualDevice(device.spec().xen().virtual_device());
         devid.ok()) {

@@ -43,7 +43,8 @@ Flags:
                             recently used released first (default 1056, as blkback)
   --xen-poll-us=N           workers busy-poll each Xen ring for N microseconds after its last
                             request before asking the frontend for a kick (default 0: no
-                            polling; polling trades a core for latency)
+                            polling; polling trades a core for latency); the default for
+                            devices whose spec.xen.poll_us is unset
   --log-level=LEVEL         debug, info, warning or error (default info)
   --help                    this text
 )";

@@ -244,6 +244,10 @@ absl::Status ValidateSpec(const v1::DeviceSpec& spec) {
           "spec.xen.max_indirect_segments",
           absl::StrCat(x.max_indirect_segments(), " is above the limit of ", kMaxIndirectSegments));
     }
+    if (x.has_poll_us() && x.poll_us() > kMaxXenPollUs) {
+      return Invalid("spec.xen.poll_us", absl::StrCat(x.poll_us(), " is above the limit of ",
+                                                      kMaxXenPollUs, " (10 s)"));
+    }
   } else {
     const v1::VhostUserFrontend& v = spec.vhost_user();
     if (v.socket_path().empty()) return Invalid("spec.vhost_user.socket_path", "must be set");

@@ -21,6 +21,7 @@ inline constexpr uint32_t kMaxXenDomid = 32751;  // DOMID_FIRST_RESERVED - 1
 inline constexpr uint32_t kMaxXenQueues = 16;
 inline constexpr uint32_t kMaxRingPageOrder = 4;
 inline constexpr uint32_t kMaxIndirectSegments = 256;
+inline constexpr uint32_t kMaxXenPollUs = 10'000'000;  // 10 s, as --xen-poll-us
 inline constexpr uint32_t kMaxVhostQueues = 64;
 // Capacity limit of a null backend (spec.backend.null.size_bytes): 1 PiB.
 inline constexpr uint64_t kMaxNullBackendSize = uint64_t{1} << 50;

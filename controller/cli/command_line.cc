@@ -211,6 +211,11 @@ absl::StatusOr<Request> BuildAttach(const Parsed& parsed) {
     bool disable_indirect = false;
     BP_RETURN_IF_ERROR(SetIfGiven<bool>(f, "xen-disable-indirect", ParseBool, &disable_indirect));
     x->set_disable_indirect(disable_indirect);
+    if (f.Has("xen-poll-us")) {
+      n = 0;
+      BP_RETURN_IF_ERROR(SetIfGiven<uint32_t>(f, "xen-poll-us", ParseUint32, &n));
+      x->set_poll_us(n);
+    }
   } else {
     v1::VhostUserFrontend* v = request.mutable_spec()->mutable_vhost_user();
     if (const std::string* socket = f.Get("vhost-socket")) v->set_socket_path(*socket);
@@ -337,6 +342,9 @@ const std::vector<CommandSpec>& Commands() {
            {"xen-max-indirect-segments", "N",
             "segments per indirect request (0 = 32, at most 256)"},
            {"xen-disable-indirect", "", "do not offer indirect requests"},
+           {"xen-poll-us", "N",
+            "busy-poll the rings for N us after the last request (0 = no polling; default: the "
+            "controller's --xen-poll-us)"},
            {"vhost-socket", "PATH", "absolute path of the vhost-user socket the worker listens on"},
            {"vhost-queues", "N", "virtqueues (0 = 1, at most 64)"},
            {"vhost-queue-size", "N", "virtqueue size, a power of two 64..32768 (0 = 256)"},

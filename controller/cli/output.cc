@@ -115,7 +115,9 @@ std::string FormatDevice(const v1::Device& device) {
                       " max-indirect-segments=",
                       xen.disable_indirect() && xen.max_indirect_segments() == 0
                           ? std::string("off")
-                          : OrDefault(xen.max_indirect_segments(), "32"))});
+                          : OrDefault(xen.max_indirect_segments(), "32"),
+                      " poll-us=",
+                      xen.has_poll_us() ? std::to_string(xen.poll_us()) : std::string("default"))});
     const v1::FrontendStatus& fs = status.frontend();
     rows.push_back(
         {"xenbus:",

@@ -12,6 +12,7 @@
 #include <span>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/xen/xen_platform.h"
@@ -112,10 +113,11 @@ class NullBackendTest : public XenE2eTest {
     return read;
   }
 
-  // The bp-blkfront program against xvda with `extra` flags.
-  harness::CommandResult RunBlkfront(std::vector<std::string> extra) {
+  // The bp-blkfront program against `vdev` with `extra` flags.
+  harness::CommandResult RunBlkfront(std::vector<std::string> extra,
+                                     const std::string& vdev = "xvda") {
     std::vector<std::string> argv = {BP_BLKFRONT_PATH, "--run-dir", run_dir_.path(), "--domid", "5",
-                                     "--vdev",         "xvda"};
+                                     "--vdev",         vdev};
     argv.insert(argv.end(), extra.begin(), extra.end());
     return harness::RunXenstoreTool(argv, run_dir_.path() + "/xenstored", 60000);
   }
@@ -207,6 +209,36 @@ TEST_F(NullBackendTest, DefaultCompletionIsTheRingNop) {
   EXPECT_EQ(GetDevice().spec().backend().null().completion(), v1::NULL_COMPLETION_NOP);
   testing::CommandResult shown = controller_->Bpctl({"get", "xd0"});
   EXPECT_THAT(shown.out, Not(HasSubstr("deferred"))) << shown.out;
+}
+
+// spec.xen.poll_us per device: on a controller that does not poll by default, the device that
+// asks for polling keeps looking at its ring, so a polling guest pushes without kicking; the one
+// that does not gets a kick with (almost) every push.
+TEST_F(NullBackendTest, PollingIsChosenPerDevice) {
+  for (const auto& [id, vdev, poll] :
+       {std::tuple{"polled", "xvda", true}, std::tuple{"kicked", "xvdb", false}}) {
+    std::vector<std::string> args = {"attach",           id,  "--null-size", "64M",
+                                     "--xen-domid",      "5", "--xen-vdev",  vdev,
+                                     "--xen-max-queues", "1"};
+    if (poll) args.insert(args.end(), {"--xen-poll-us", "200000"});
+    testing::CommandResult attached = controller_->Bpctl(args);
+    ASSERT_EQ(attached.exit_code, 0) << attached.out << attached.err;
+  }
+  EXPECT_EQ(GetDevice("polled").spec().xen().poll_us(), 200000u);
+  EXPECT_FALSE(GetDevice("kicked").spec().xen().has_poll_us());
+  EXPECT_THAT(controller_->Bpctl({"get", "polled"}).out, HasSubstr("poll-us=200000"));
+  const std::vector<std::string> workload = {
+      "--workload", "randread", "--bs",   "4k",           "--iodepth", "4",
+      "--ops",      "4000",     "--poll", "--timeout-ms", "20000"};
+  harness::CommandResult polled = RunBlkfront(workload, "xvda");
+  ASSERT_EQ(polled.exit_code, 0) << polled.out << polled.err;
+  harness::CommandResult kicked = RunBlkfront(workload, "xvdb");
+  ASSERT_EQ(kicked.exit_code, 0) << kicked.out << kicked.err;
+  const int64_t polled_kicks = JsonNumber(polled.out, "\"notifications_sent\":");
+  const int64_t kicked_kicks = JsonNumber(kicked.out, "\"notifications_sent\":");
+  // At most iodepth requests per push: at least 1000 pushes each.
+  EXPECT_LT(polled_kicks, 50) << polled.out;
+  EXPECT_GT(kicked_kicks, 500) << kicked.out;
 }
 
 TEST_F(NullBackendTest, ResizeGrowsAndShrinksTheNullDevice) {

@@ -310,6 +310,19 @@ TEST(ValidateSpecTest, UnknownEnumValues) {
   }
 }
 
+TEST(ValidateSpecTest, XenPollUs) {
+  v1::DeviceSpec spec = XenSpec();
+  EXPECT_TRUE(ValidateSpec(spec).ok());  // unset: the controller's default
+  for (uint32_t us : {0u, 1u, 1000u, kMaxXenPollUs}) {
+    spec.mutable_xen()->set_poll_us(us);
+    EXPECT_TRUE(ValidateSpec(spec).ok()) << us;
+  }
+  spec.mutable_xen()->set_poll_us(kMaxXenPollUs + 1);
+  absl::Status s = ValidateSpec(spec);
+  EXPECT_TRUE(IsInvalid(s, "spec.xen.poll_us")) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "10000000")) << s;
+}
+
 TEST(ValidateSpecTest, LogicalBlockSize) {
   for (uint32_t lbs : {1u, 256u, 1024u, 2048u, 8192u, 513u}) {
     v1::DeviceSpec spec = XenSpec();

@@ -70,7 +70,9 @@ TEST(CommandLineTest, AttachXenWithEveryFlag) {
                                                 "--xen-persistent-grants=false",
                                                 "--xen-max-indirect-segments",
                                                 "64",
-                                                "--xen-disable-indirect"}),
+                                                "--xen-disable-indirect",
+                                                "--xen-poll-us",
+                                                "250"}),
                                          R"pb(device_id: "dev0"
                                               spec {
                                                 backend {
@@ -91,6 +93,7 @@ TEST(CommandLineTest, AttachXenWithEveryFlag) {
                                                   persistent_grants: false
                                                   max_indirect_segments: 64
                                                   disable_indirect: true
+                                                  poll_us: 250
                                                 }
                                               })pb");
 }
@@ -107,6 +110,12 @@ TEST(CommandLineTest, AttachDefaultsLeaveFieldsUnsetForTheServer) {
   // persistent_grants is optional: absent means the server default (true).
   EXPECT_FALSE(
       std::get<v1::AttachDeviceRequest>(invocation->request).spec().xen().has_persistent_grants());
+  // So is poll_us: absent means the controller's --xen-poll-us; an explicit 0 turns polling off.
+  EXPECT_FALSE(std::get<v1::AttachDeviceRequest>(invocation->request).spec().xen().has_poll_us());
+  const auto no_poll = Parse({"attach", "dev0", "--path", "/srv/d", "--xen-domid", "5",
+                              "--xen-vdev", "51712", "--xen-poll-us", "0"});
+  ASSERT_TRUE(no_poll.ok()) << no_poll.status();
+  EXPECT_TRUE(std::get<v1::AttachDeviceRequest>(no_poll->request).spec().xen().has_poll_us());
 }
 
 TEST(CommandLineTest, AttachNullBackend) {
@@ -318,7 +327,8 @@ TEST(CommandLineTest, HelpEverywhere) {
        {"--path", "--format", "--cache", "--read-only", "--discard", "--detect-zeroes", "--lbs",
         "--error-policy", "--xen-domid", "--xen-vdev", "--xen-max-queues",
         "--xen-max-ring-page-order", "--xen-persistent-grants", "--xen-max-indirect-segments",
-        "--xen-disable-indirect", "--vhost-socket", "--vhost-queues", "--vhost-queue-size"}) {
+        "--xen-disable-indirect", "--xen-poll-us", "--vhost-socket", "--vhost-queues",
+        "--vhost-queue-size"}) {
     EXPECT_TRUE(absl::StrContains(attach_help, flag)) << flag;
   }
   // --help wins over otherwise invalid input, like a missing --path.

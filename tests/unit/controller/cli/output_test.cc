@@ -67,12 +67,15 @@ TEST(FormatDeviceTest, ShowsSpecAndStatus) {
         "size:             2G (2147483648 bytes)\n", "backing:          /srv/disk.img\n",
         "cache=writeback", "read-only=yes", "discard=ignore", "detect-zeroes=off", "lbs=512",
         "error-policy=report", "xen domid=5 vdev=xvda max-queues=2",
-        "max-indirect-segments=default(32)", "persistent-grants=yes",
+        "max-indirect-segments=default(32)", "persistent-grants=yes", "poll-us=default",
         "xenbus:           backend=Connected frontend=Connected queues=2",
         "worker:           pid=4242 generation=3 restarts=0\n",
         "last error:       worker exited with status 1\n", "created:          -\n"}) {
     EXPECT_TRUE(absl::StrContains(text, expected)) << "missing: " << expected << "\nin:\n" << text;
   }
+  v1::Device polled = MakeDevice(kXenDevice);
+  polled.mutable_spec()->mutable_xen()->set_poll_us(250);
+  EXPECT_TRUE(absl::StrContains(FormatDevice(polled), "poll-us=250")) << FormatDevice(polled);
   const std::string vhost = FormatDevice(MakeDevice(kVhostDevice));
   EXPECT_TRUE(absl::StrContains(
       vhost, "vhost-user /run/vm1.sock queues=default(1) queue-size=default(256)"))
