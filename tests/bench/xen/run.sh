@@ -16,10 +16,11 @@
 # 4 KiB random reads at QD1 and QD32, each in two modes:
 #   - notify: the guest sleeps on its event channel, the worker sleeps in io_uring until kicked;
 #   - poll:   the guest spins on its ring (bp-blkfront --poll, never asks for a kick) and the
-#             worker polls the ring (blockplaned --xen-poll-us), so no events flow while busy.
-# The two modes need two controllers (the poll window is a controller flag): "notify" serves
-# xvda (file) and xvdb (null), "poll" serves xvdc (file), xvdd (null) and xvde (null deferred), all
-# for guest 5.
+#             worker polls the ring (the device's --xen-poll-us), so no events flow while busy.
+# One controller serves every device; the poll devices set their own window (spec.xen.poll_us,
+# bpctl --xen-poll-us): xvda (file) and xvdb (null) notify, xvdc (file), xvdd (null) and xvde
+# (null deferred) poll, all for guest 5. The two file devices share the file read-only (the
+# controller refuses two writers of one file; the workload only reads).
 #
 # Pinning (2 cores): the guest (bp-blkfront) on GUEST_CPU, each worker (all threads) on
 # WORKER_CPU; fio and dataplane_bench, which are the whole stack in one process, on WORKER_CPU.
@@ -78,13 +79,13 @@ attach() {  # CONTROLLER ID VDEV [backend flags]; pins the worker's threads to W
   taskset -a -p -c "$WORKER_CPU" "$pid" >/dev/null
   echo "$pid" >"$work/$id.pid"
 }
-start_controller notify
-start_controller poll --xen-poll-us="$POLL_US"
-attach notify file-notify xvda --path "$work/disks/bench.img" --cache none
-attach notify null-notify xvdb --null-size 1G
-attach poll file-poll xvdc --path "$work/disks/bench.img" --cache none
-attach poll null-poll xvdd --null-size 1G
-attach poll nulld-poll xvde --null-size 1G --null-completion deferred
+start_controller main
+attach main file-notify xvda --path "$work/disks/bench.img" --cache none --read-only
+attach main null-notify xvdb --null-size 1G
+attach main file-poll xvdc --path "$work/disks/bench.img" --cache none --read-only \
+  --xen-poll-us "$POLL_US"
+attach main null-poll xvdd --null-size 1G --xen-poll-us "$POLL_US"
+attach main nulld-poll xvde --null-size 1G --null-completion deferred --xen-poll-us "$POLL_US"
 echo "taskset -a -p -c $WORKER_CPU <worker pid>  # every worker, after attach" >>"$OUT/commands.txt"
 
 cpu_ticks() {  # PID -> utime + stime of the whole process, in clock ticks
