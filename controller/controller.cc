@@ -7,8 +7,12 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <memory>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
@@ -60,6 +64,37 @@ absl::Status PrepareSocketPath(const std::string& path) {
 }
 
 // Every device, page by page (for /metrics and /sd).
+// The whole of a PEM file named by `flag`; the error says which flag and why.
+absl::StatusOr<std::string> ReadPem(const char* flag, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(flag, ": cannot read ", path, ": ", std::strerror(errno)));
+  }
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (text.str().find("-----BEGIN ") == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, ": ", path, " holds no PEM block"));
+  }
+  return text.str();
+}
+
+// Mutual TLS for the TCP listener (--tls-*), or plaintext without them.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> TcpCredentials(
+    const ControllerOptions& options) {
+  if (options.tls_cert_file.empty()) return grpc::InsecureServerCredentials();
+  absl::StatusOr<std::string> cert = ReadPem("--tls-cert", options.tls_cert_file);
+  if (!cert.ok()) return cert.status();
+  absl::StatusOr<std::string> key = ReadPem("--tls-key", options.tls_key_file);
+  if (!key.ok()) return key.status();
+  absl::StatusOr<std::string> ca = ReadPem("--tls-client-ca", options.tls_client_ca_file);
+  if (!ca.ok()) return ca.status();
+  grpc::SslServerCredentialsOptions ssl(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  ssl.pem_root_certs = *ca;
+  ssl.pem_key_cert_pairs.push_back({*key, *cert});
+  return grpc::SslServerCredentials(ssl);
+}
+
 std::vector<v1::Device> AllDevices(DeviceManager* manager) {
   std::vector<v1::Device> out;
   v1::ListDevicesRequest request;
@@ -137,7 +172,9 @@ absl::Status Controller::Start() {
   grpc::ServerBuilder builder;
   builder.AddListeningPort("unix:" + options_.socket_path, grpc::InsecureServerCredentials());
   if (!options_.listen_tcp.empty()) {
-    builder.AddListeningPort(options_.listen_tcp, grpc::InsecureServerCredentials(), &tcp_port_);
+    absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = TcpCredentials(options_);
+    if (!credentials.ok()) return credentials.status();
+    builder.AddListeningPort(options_.listen_tcp, *credentials, &tcp_port_);
   }
   builder.RegisterService(service_.get());
   if (metrics_) {
@@ -174,7 +211,13 @@ absl::Status Controller::Start() {
                  << metrics_server_->endpoint() << "/sd";
   }
   BP_LOG(Info) << "serving on unix:" << options_.socket_path
-               << (options_.listen_tcp.empty() ? "" : absl::StrCat(" and tcp port ", tcp_port_))
+               << (options_.listen_tcp.empty()
+                       ? ""
+                       : absl::StrCat(" and tcp port ", tcp_port_,
+                                      options_.tls_cert_file.empty()
+                                          ? " (plaintext)"
+                                          : " (mutual TLS: clients need a certificate from "
+                                            "--tls-client-ca)"))
                << " state-dir=" << options_.state_dir;
   return absl::OkStatus();
 }

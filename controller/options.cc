@@ -15,8 +15,13 @@ reflection), persists devices in SQLite, and runs one blockplane-worker process 
 Flags:
   --socket=PATH             unix socket for the API, mode 0660
                             (default /run/blockplane/blockplane.sock)
-  --listen-tcp=HOST:PORT    also serve the API on TCP (plaintext; bind to loopback or a
-                            trusted network only). Port 0 picks a free port (logged).
+  --listen-tcp=HOST:PORT    also serve the API on TCP. Port 0 picks a free port (logged).
+                            Plaintext unless --tls-* are given: without them, bind to loopback
+                            or a trusted network only
+  --tls-cert=FILE           mutual TLS on --listen-tcp: the server's certificate chain (PEM)
+  --tls-key=FILE            its private key (PEM)
+  --tls-client-ca=FILE      CA certificates (PEM) that a client's certificate must chain to;
+                            clients without one are refused
   --state-dir=DIR           registry.db and worker control sockets (default /var/lib/blockplane)
   --backing-root=DIR        backing files and block devices must lie under DIR (repeatable);
                             with none, every attach is refused
@@ -86,6 +91,12 @@ absl::StatusOr<ControllerOptions> ParseControllerFlags(int argc, char** argv) {
       if ((s = need()).ok()) o.socket_path = value;
     } else if (name == "--listen-tcp") {
       if ((s = need()).ok()) o.listen_tcp = value;
+    } else if (name == "--tls-cert") {
+      if ((s = need()).ok()) o.tls_cert_file = value;
+    } else if (name == "--tls-key") {
+      if ((s = need()).ok()) o.tls_key_file = value;
+    } else if (name == "--tls-client-ca") {
+      if ((s = need()).ok()) o.tls_client_ca_file = value;
     } else if (name == "--state-dir") {
       if ((s = need()).ok()) o.state_dir = value;
     } else if (name == "--backing-root") {
@@ -155,6 +166,17 @@ absl::StatusOr<ControllerOptions> ParseControllerFlags(int argc, char** argv) {
   }
   if (o.state_dir.empty() || o.state_dir[0] != '/') {
     return absl::InvalidArgumentError("--state-dir must be an absolute path");
+  }
+  const int tls_files =
+      !o.tls_cert_file.empty() + !o.tls_key_file.empty() + !o.tls_client_ca_file.empty();
+  if (tls_files != 0 && tls_files != 3) {
+    return absl::InvalidArgumentError(
+        "--tls-cert, --tls-key and --tls-client-ca go together (mutual TLS needs all three)");
+  }
+  if (tls_files == 3 && o.listen_tcp.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls-* secure the TCP listener: give --listen-tcp=HOST:PORT too (the unix socket is "
+        "guarded by its file mode)");
   }
   return o;
 }

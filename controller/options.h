@@ -11,6 +11,11 @@ namespace blockplane::controller {
 struct ControllerOptions {
   std::string socket_path = "/run/blockplane/blockplane.sock";
   std::string listen_tcp;  // host:port, empty: no TCP listener
+  // Mutual TLS on the TCP listener: the server's certificate chain and key, and the CA that
+  // client certificates must chain to (PEM files). All three or none; only with listen_tcp.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
   std::string state_dir = "/var/lib/blockplane";
   std::vector<std::string> backing_roots;
   std::string worker_binary;  // default: blockplane-worker next to blockplaned

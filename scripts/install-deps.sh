@@ -9,7 +9,7 @@ packages=(
   liburing-dev libxen-dev prometheus-cpp-dev
   libgtest-dev libgmock-dev libsqlite3-dev libbenchmark-dev
   python3 python3-grpcio python3-protobuf
-  xenstore-utils fio prometheus sqlite3 procps
+  xenstore-utils fio prometheus sqlite3 procps openssl
 )
 
 missing=()

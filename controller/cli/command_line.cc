@@ -66,6 +66,9 @@ const std::vector<FlagSpec>& GlobalFlags() {
        "unix socket of blockplaned (default $BLOCKPLANE_SOCKET, else "
        "/run/blockplane/blockplane.sock)"},
       {"address", "HOST:PORT", "connect over TCP instead of the unix socket"},
+      {"tls-ca", "FILE", "with --address: mutual TLS; the CA (PEM) that signed the server"},
+      {"tls-cert", "FILE", "with --address: this client's certificate chain (PEM)"},
+      {"tls-key", "FILE", "with --address: this client's private key (PEM)"},
       {"deadline", "DURATION",
        "deadline of the call (default 30s; watch runs until interrupted unless given)"},
       {"json", "", "print the response as JSON (protobuf JSON mapping; watch: one line per event)"},
@@ -609,6 +612,22 @@ absl::StatusOr<Invocation> ParseCommandLine(const std::vector<std::string>& args
     if (address->empty()) return usage("--address: must not be empty");
     if (socket_given) return usage("--socket and --address are exclusive");
     invocation.global.address = *address;
+  }
+  int tls_flags = 0;
+  for (auto [flag, field] : {std::pair{"tls-ca", &invocation.global.tls_ca_file},
+                             std::pair{"tls-cert", &invocation.global.tls_cert_file},
+                             std::pair{"tls-key", &invocation.global.tls_key_file}}) {
+    if (const std::string* file = global.Get(flag)) {
+      if (file->empty()) return usage(absl::StrCat("--", flag, ": must not be empty"));
+      *field = *file;
+      ++tls_flags;
+    }
+  }
+  if (tls_flags != 0 && tls_flags != 3) {
+    return usage("--tls-ca, --tls-cert and --tls-key go together (mutual TLS needs all three)");
+  }
+  if (tls_flags == 3 && invocation.global.address.empty()) {
+    return usage("--tls-* need --address HOST:PORT (the unix socket does not use TLS)");
   }
   if (const std::string* deadline = global.Get("deadline")) {
     absl::StatusOr<absl::Duration> d = FlagValue("deadline", ParseDuration(*deadline));

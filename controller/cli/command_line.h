@@ -34,6 +34,11 @@ struct GlobalOptions {
   std::string socket;
   // host:port; when set, used instead of the socket.
   std::string address;
+  // Mutual TLS over --address (blockplaned --tls-*): the CA that signed the server's certificate,
+  // and this client's certificate chain and key (PEM files). All three or none.
+  std::string tls_ca_file;
+  std::string tls_cert_file;
+  std::string tls_key_file;
   absl::Duration deadline = kDefaultDeadline;
   // Whether --deadline was given (watch has no deadline unless it was).
   bool deadline_set = false;

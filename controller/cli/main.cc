@@ -30,6 +30,10 @@ void CancelOnSignals(blockplane::controller::cli::CallCanceller* canceller) {
 
 int main(int argc, char** argv) {
   namespace cli = blockplane::controller::cli;
+  // bpctl reports every failed call itself ("bpctl: UNAVAILABLE: ..."); gRPC's own log lines
+  // (a failed TLS handshake is logged at error level) would only repeat it in another format.
+  // An operator can still turn them on with GRPC_VERBOSITY.
+  setenv("GRPC_VERBOSITY", "NONE", /*overwrite=*/0);
   cli::ParseDefaults defaults;
   if (const char* socket = std::getenv("BLOCKPLANE_SOCKET"); socket != nullptr && *socket != 0) {
     defaults.socket = socket;
@@ -47,8 +51,12 @@ int main(int argc, char** argv) {
   }
   static cli::CallCanceller canceller;
   CancelOnSignals(&canceller);
-  const int code =
-      cli::Run(*invocation, cli::MakeChannel(invocation->global), std::cout, std::cerr, &canceller);
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = cli::MakeChannel(invocation->global);
+  if (!channel.ok()) {
+    std::cerr << "bpctl: " << channel.status().message() << "\n";
+    return cli::kExitUsage;
+  }
+  const int code = cli::Run(*invocation, *channel, std::cout, std::cerr, &canceller);
   std::cout.flush();
   return code;
 }

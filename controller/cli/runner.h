@@ -7,6 +7,7 @@
 #include <mutex>
 #include <ostream>
 
+#include "absl/status/statusor.h"
 #include "controller/cli/command_line.h"
 #include "grpcpp/channel.h"
 #include "grpcpp/client_context.h"
@@ -30,8 +31,9 @@ class CallCanceller {
   bool cancelled_ = false;
 };
 
-// A channel to the socket or the address of `options`. Does not connect yet.
-std::shared_ptr<grpc::Channel> MakeChannel(const GlobalOptions& options);
+// A channel to the socket or the address of `options` (with mutual TLS when the --tls-* files are
+// set; InvalidArgument if one cannot be read). Does not connect yet.
+absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const GlobalOptions& options);
 
 // "NOT_FOUND" for grpc::StatusCode::NOT_FOUND.
 std::string StatusCodeName(grpc::StatusCode code);

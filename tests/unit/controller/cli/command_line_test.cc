@@ -294,6 +294,21 @@ TEST(CommandLineTest, GlobalFlagsAnywhereWithDefaults) {
   EXPECT_EQ(UsageError({"list", "--deadline", "soon"}),
             "list: --deadline: invalid duration \"soon\" (examples: 30s, 500ms, 2m, 1h30m)");
   EXPECT_EQ(UsageError({"list", "--socket="}), "list: --socket: must not be empty");
+
+  // Mutual TLS: the three files together, over --address only.
+  invocation = Parse({"list", "--address", "h:1", "--tls-ca", "/ca.pem", "--tls-cert", "/c.pem",
+                      "--tls-key", "/k.pem"});
+  ASSERT_TRUE(invocation.ok()) << invocation.status();
+  EXPECT_EQ(invocation->global.tls_ca_file, "/ca.pem");
+  EXPECT_EQ(invocation->global.tls_cert_file, "/c.pem");
+  EXPECT_EQ(invocation->global.tls_key_file, "/k.pem");
+  EXPECT_EQ(UsageError({"list", "--address", "h:1", "--tls-ca", "/ca.pem"}),
+            "list: --tls-ca, --tls-cert and --tls-key go together (mutual TLS needs all three)");
+  EXPECT_EQ(UsageError({"list", "--tls-ca", "/a", "--tls-cert", "/c", "--tls-key", "/k"}),
+            "list: --tls-* need --address HOST:PORT (the unix socket does not use TLS)");
+  EXPECT_EQ(
+      UsageError({"list", "--address", "h:1", "--tls-ca=", "--tls-cert", "/c", "--tls-key", "/k"}),
+      "list: --tls-ca: must not be empty");
 }
 
 TEST(CommandLineTest, DoubleDashEndsFlags) {

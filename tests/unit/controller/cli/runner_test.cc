@@ -331,10 +331,25 @@ TEST(RunnerConnectionTest, MissingSocketIsUnavailable) {
   auto invocation = ParseCommandLine({"get", "x", "--socket", "/nonexistent/bp.sock"}, {});
   ASSERT_TRUE(invocation.ok());
   std::ostringstream out, err;
-  EXPECT_EQ(cli::Run(*invocation, MakeChannel(invocation->global), out, err, nullptr),
-            kExitServerError);
+  auto channel = MakeChannel(invocation->global);
+  ASSERT_TRUE(channel.ok()) << channel.status();
+  EXPECT_EQ(cli::Run(*invocation, *channel, out, err, nullptr), kExitServerError);
   EXPECT_TRUE(absl::StartsWith(err.str(), "bpctl: UNAVAILABLE: ")) << err.str();
   EXPECT_EQ(out.str(), "");
+}
+
+TEST(RunnerConnectionTest, UnreadableTlsFileIsNamed) {
+  auto invocation =
+      ParseCommandLine({"list", "--address", "127.0.0.1:1", "--tls-ca", "/nonexistent/ca.pem",
+                        "--tls-cert", "/nonexistent/c.pem", "--tls-key", "/nonexistent/k.pem"},
+                       {});
+  ASSERT_TRUE(invocation.ok()) << invocation.status();
+  auto channel = MakeChannel(invocation->global);
+  ASSERT_FALSE(channel.ok());
+  EXPECT_EQ(channel.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(
+      absl::StartsWith(channel.status().message(), "--tls-ca: cannot read /nonexistent/ca.pem: "))
+      << channel.status();
 }
 
 TEST(StatusCodeNameTest, Names) {
