@@ -7,15 +7,13 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <memory>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "common/pem_file.h"
 #include "controller/metrics/api_metrics_interceptor.h"
 #include "grpc/health/v1/health.pb.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -64,30 +62,16 @@ absl::Status PrepareSocketPath(const std::string& path) {
 }
 
 // Every device, page by page (for /metrics and /sd).
-// The whole of a PEM file named by `flag`; the error says which flag and why.
-absl::StatusOr<std::string> ReadPem(const char* flag, const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(flag, ": cannot read ", path, ": ", std::strerror(errno)));
-  }
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (text.str().find("-----BEGIN ") == std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat(flag, ": ", path, " holds no PEM block"));
-  }
-  return text.str();
-}
-
 // Mutual TLS for the TCP listener (--tls-*), or plaintext without them.
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> TcpCredentials(
     const ControllerOptions& options) {
   if (options.tls_cert_file.empty()) return grpc::InsecureServerCredentials();
-  absl::StatusOr<std::string> cert = ReadPem("--tls-cert", options.tls_cert_file);
+  absl::StatusOr<std::string> cert = common::ReadPemFile("--tls-cert", options.tls_cert_file);
   if (!cert.ok()) return cert.status();
-  absl::StatusOr<std::string> key = ReadPem("--tls-key", options.tls_key_file);
+  absl::StatusOr<std::string> key = common::ReadPemFile("--tls-key", options.tls_key_file);
   if (!key.ok()) return key.status();
-  absl::StatusOr<std::string> ca = ReadPem("--tls-client-ca", options.tls_client_ca_file);
+  absl::StatusOr<std::string> ca =
+      common::ReadPemFile("--tls-client-ca", options.tls_client_ca_file);
   if (!ca.ok()) return ca.status();
   grpc::SslServerCredentialsOptions ssl(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
   ssl.pem_root_certs = *ca;

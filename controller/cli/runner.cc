@@ -1,14 +1,11 @@
 #include "controller/cli/runner.h"
 
-#include <cerrno>
 #include <chrono>
-#include <cstring>
-#include <fstream>
-#include <sstream>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "blockplane/v1/device.grpc.pb.h"
+#include "common/pem_file.h"
 #include "controller/cli/output.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
@@ -211,24 +208,6 @@ void CallCanceller::SetContext(grpc::ClientContext* context) {
   if (context_ != nullptr && cancelled_) context_->TryCancel();
 }
 
-namespace {
-
-absl::StatusOr<std::string> ReadPem(const char* flag, const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--", flag, ": cannot read ", path, ": ", std::strerror(errno)));
-  }
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (text.str().find("-----BEGIN ") == std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", path, " holds no PEM block"));
-  }
-  return text.str();
-}
-
-}  // namespace
-
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const GlobalOptions& options) {
   if (options.address.empty()) {
     return grpc::CreateChannel(absl::StrCat("unix:", options.socket),
@@ -238,11 +217,11 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const GlobalOptions& 
     return grpc::CreateChannel(options.address, grpc::InsecureChannelCredentials());
   }
   grpc::SslCredentialsOptions ssl;
-  absl::StatusOr<std::string> ca = ReadPem("tls-ca", options.tls_ca_file);
+  absl::StatusOr<std::string> ca = common::ReadPemFile("--tls-ca", options.tls_ca_file);
   if (!ca.ok()) return ca.status();
-  absl::StatusOr<std::string> cert = ReadPem("tls-cert", options.tls_cert_file);
+  absl::StatusOr<std::string> cert = common::ReadPemFile("--tls-cert", options.tls_cert_file);
   if (!cert.ok()) return cert.status();
-  absl::StatusOr<std::string> key = ReadPem("tls-key", options.tls_key_file);
+  absl::StatusOr<std::string> key = common::ReadPemFile("--tls-key", options.tls_key_file);
   if (!key.ok()) return key.status();
   ssl.pem_root_certs = *ca;
   ssl.pem_cert_chain = *cert;
