@@ -31,8 +31,6 @@ using common::xen::XenStore;
 constexpr uint32_t kMaxQueuesLimit = kBlkifMaxQueues;
 constexpr uint32_t kMaxRingPageOrderLimit = 4;  // XENBUS_MAX_RING_GRANT_ORDER
 
-// Reads a decimal key. NotFound gives `fallback` when there is one; anything that is not a number
-// is InvalidArgument (the frontend's directory is guest-writable).
 // A random, non-zero ring mark (blkif_ring.h: WriteRingMark).
 uint64_t NewRingMark() {
   std::random_device device;
@@ -41,6 +39,8 @@ uint64_t NewRingMark() {
   return mark;
 }
 
+// Reads a decimal key. NotFound gives `fallback` when there is one; anything that is not a number
+// is InvalidArgument (the frontend's directory is guest-writable).
 absl::StatusOr<uint64_t> ReadNumber(XenStore& store, const std::string& path,
                                     std::optional<uint64_t> fallback) {
   absl::StatusOr<std::string> text = store.Read(path, kNoTransaction);
