@@ -649,12 +649,15 @@ absl::StatusOr<v1::Device> DeviceManager::Attach(const v1::AttachDeviceRequest& 
     // device's own worker now uses the file.
     std::lock_guard lock(mu_);
     if (Entry* existing = FindLocked(id)) {
-      if (google::protobuf::util::MessageDifferencer::Equals(existing->device.spec(), spec)) {
+      // The stored spec is normalised again: it may come from a controller whose normalisation
+      // spelled out fewer defaults (for example before spec.backend.null.completion).
+      const v1::DeviceSpec stored = NormalizeSpec(existing->device.spec());
+      if (google::protobuf::util::MessageDifferencer::Equals(stored, spec)) {
         return existing->device;
       }
-      return absl::AlreadyExistsError(
-          absl::StrCat("device_id: device ", id, " already exists with a different spec (",
-                       SpecDifference(existing->device.spec(), spec), ")"));
+      return absl::AlreadyExistsError(absl::StrCat("device_id: device ", id,
+                                                   " already exists with a different spec (",
+                                                   SpecDifference(stored, spec), ")"));
     }
   }
   absl::StatusOr<BackingInfo> backing = BackingInfo();
@@ -670,7 +673,8 @@ absl::StatusOr<v1::Device> DeviceManager::Attach(const v1::AttachDeviceRequest& 
     std::lock_guard lock(mu_);
     if (shutting_down_) return absl::UnavailableError("blockplaned is shutting down");
     if (Entry* existing = FindLocked(id)) {  // raced with another attach of the same id
-      if (google::protobuf::util::MessageDifferencer::Equals(existing->device.spec(), spec)) {
+      if (google::protobuf::util::MessageDifferencer::Equals(NormalizeSpec(existing->device.spec()),
+                                                             spec)) {
         return existing->device;
       }
       return absl::AlreadyExistsError(absl::StrCat("device_id: device ", id, " already exists"));

@@ -142,6 +142,42 @@ TEST_F(LifecycleTest, AttachIsIdempotentAndRefusesAnotherSpecForTheSameId) {
   EXPECT_EQ(Get(controller_, "dev0").spec().backend().cache(), v1::CACHE_MODE_NONE);
 }
 
+// A device stored by an older controller, whose normalisation spelled out fewer defaults (here:
+// before spec.backend.null.completion existed), is still the same device for a retried attach of
+// the same request: the stored spec is normalised again before the comparison.
+TEST_F(LifecycleTest, AttachStaysIdempotentForASpecStoredBeforeANewDefault) {
+  v1::DeviceSpec spec = XenSpec("");
+  spec.mutable_backend()->clear_path();
+  spec.mutable_backend()->mutable_null()->set_size_bytes(16 * kMiB);
+  v1::Device first;
+  ASSERT_TRUE(Attach(controller_, "n0", spec, &first).ok());
+  ASSERT_EQ(first.spec().backend().null().completion(), v1::NULL_COMPLETION_NOP);
+  controller_.Stop(SIGTERM);
+  // What an older controller would have stored: no completion field.
+  const std::string db = controller_.state_dir() + "/registry.db";
+  CommandResult updated = RunCommand({"/usr/bin/sqlite3", db,
+                                      "UPDATE devices SET spec_json = replace(spec_json, "
+                                      "',\"completion\":\"NULL_COMPLETION_NOP\"', "
+                                      "'') WHERE id = 'n0'; SELECT changes();"});
+  ASSERT_EQ(updated.exit_code, 0) << updated.err;
+  ASSERT_EQ(updated.out, "1\n");
+  ASSERT_NO_FATAL_FAILURE(controller_.Start());
+  ASSERT_EQ(Get(controller_, "n0").spec().backend().null().completion(),
+            v1::NULL_COMPLETION_UNSPECIFIED)
+      << "the stored spec must really be the old one for this test";
+
+  v1::Device again;
+  grpc::Status s = Attach(controller_, "n0", spec, &again);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(again.status().worker_pid(), first.status().worker_pid());
+  // A real difference is still one.
+  v1::DeviceSpec deferred = spec;
+  deferred.mutable_backend()->mutable_null()->set_completion(v1::NULL_COMPLETION_DEFERRED);
+  s = Attach(controller_, "n0", deferred, &again);
+  EXPECT_EQ(s.error_code(), grpc::ALREADY_EXISTS) << s.error_message();
+  EXPECT_NE(s.error_message().find("completion"), std::string::npos) << s.error_message();
+}
+
 TEST_F(LifecycleTest, KilledWorkerIsRestartedWithANewGeneration) {
   std::string disk = controller_.CreateDisk("d0.img", 16 * kMiB);
   v1::Device device;
