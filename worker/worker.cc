@@ -425,6 +425,14 @@ blockplane::v1::DeviceStats Worker::Stats() const {
   out.set_highest_written_offset(stats.highest_written_offset);
   out.set_idle_ns(stats.idle_ns);
   out.set_size_bytes(device_->capacity());
+  // Stats() runs on the loop thread (the control channel), where the counters are written.
+  const common::EventLoop::Counters& c = loop_->counters();
+  blockplane::v1::LoopStats* loop = out.mutable_loop();
+  loop->set_passes(c.passes);
+  loop->set_sleeps(c.sleeps);
+  loop->set_submit_calls(c.submit_calls);
+  loop->set_sqes_submitted(c.sqes_submitted);
+  loop->set_completions(c.completions);
   return out;
 }
 

@@ -171,6 +171,10 @@ std::string FormatStats(const v1::DeviceStats& stats) {
       {"idle:", absl::FormatDuration(
                     absl::Trunc(absl::Nanoseconds(stats.idle_ns()), absl::Milliseconds(1)))},
       {"worker generation:", absl::StrCat(stats.worker_generation())},
+      {"worker loop:",
+       absl::StrCat(stats.loop().passes(), " passes, ", stats.loop().sleeps(), " slept, ",
+                    stats.loop().sqes_submitted(), " SQEs in ", stats.loop().submit_calls(),
+                    " submits, ", stats.loop().completions(), " completions")},
   });
   std::vector<std::vector<std::string>> rows;
   rows.push_back({"OP", "OPERATIONS", "BYTES", "FAILED", "INVALID", "AVG LATENCY"});

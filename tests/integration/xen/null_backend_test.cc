@@ -53,6 +53,16 @@ class NullBackendTest : public XenE2eTest {
     EXPECT_THAT(attached.out, HasSubstr("null"));
   }
 
+  // The worker's loop counters (GetDeviceStats).
+  v1::LoopStats Loop() {
+    grpc::ClientContext context;
+    v1::GetDeviceStatsRequest request;
+    request.set_device_id("xd0");
+    v1::DeviceStats stats;
+    EXPECT_TRUE(controller_->stub().GetDeviceStats(&context, request, &stats).ok());
+    return stats.loop();
+  }
+
   uint64_t Ops(const std::string& op) {
     grpc::ClientContext context;
     v1::GetDeviceStatsRequest request;
@@ -201,6 +211,11 @@ TEST_F(NullBackendTest, DeferredCompletionServesTheSameIo) {
   EXPECT_THAT(reads.out, HasSubstr("\"failures\":0"));
   EXPECT_EQ(Ops("read"), 2u + 20000u);
   EXPECT_EQ(Ops("flush"), 1u);
+  // No kernel call per request: the worker's ring saw only its own polls' SQEs, not one per
+  // request (the NOP device below submits at least one per request).
+  const v1::LoopStats loop = Loop();
+  EXPECT_LT(loop.sqes_submitted(), 1000u) << loop.DebugString();
+  EXPECT_GT(loop.passes(), 0u);
 }
 
 TEST_F(NullBackendTest, DefaultCompletionIsTheRingNop) {
@@ -209,6 +224,16 @@ TEST_F(NullBackendTest, DefaultCompletionIsTheRingNop) {
   EXPECT_EQ(GetDevice().spec().backend().null().completion(), v1::NULL_COMPLETION_NOP);
   testing::CommandResult shown = controller_->Bpctl({"get", "xd0"});
   EXPECT_THAT(shown.out, Not(HasSubstr("deferred"))) << shown.out;
+  // One NOP per request goes through the worker's ring.
+  harness::CommandResult reads =
+      RunBlkfront({"--workload", "randread", "--bs", "4k", "--iodepth", "8", "--ops", "4000"});
+  ASSERT_EQ(reads.exit_code, 0) << reads.out << reads.err;
+  const v1::LoopStats loop = Loop();
+  EXPECT_GE(loop.sqes_submitted(), 4000u) << loop.DebugString();
+  EXPECT_GE(loop.completions(), 4000u) << loop.DebugString();
+  EXPECT_LE(loop.submit_calls(), loop.sqes_submitted());
+  testing::CommandResult stats = controller_->Bpctl({"stats", "xd0"});
+  EXPECT_THAT(stats.out, HasSubstr("worker loop:")) << stats.out;
 }
 
 // spec.xen.poll_us per device: on a controller that does not poll by default, the device that

@@ -112,9 +112,13 @@ TEST(FormatStatsTest, SummaryAndOperationTable) {
            in_flight: 3
            idle_ns: 1500000000
            ops { op: "read" operations: 4 bytes: 16384 total_time_ns: 4000000 }
-           ops { op: "flush" })pb",
+           ops { op: "flush" }
+           loop { passes: 10 sleeps: 2 submit_calls: 3 sqes_submitted: 48 completions: 47 })pb",
       &stats));
   const std::string text = FormatStats(stats);
+  EXPECT_TRUE(absl::StrContains(
+      text, "worker loop:        10 passes, 2 slept, 48 SQEs in 3 submits, 47 completions\n"))
+      << text;
   EXPECT_TRUE(absl::StrContains(text, "in flight:          3\n")) << text;
   EXPECT_TRUE(absl::StrContains(text, "idle:               1.5s\n")) << text;
   EXPECT_TRUE(absl::StrContains(text,
