@@ -303,7 +303,7 @@ bool EventLoop::ReapCompletions() {
                    cqes[i]->flags};
     }
     io_uring_cq_advance(&ring_->ring, n);
-    counters_.completions += n;
+    counters_.completions.Add(n);
     for (unsigned i = 0; i < n; ++i) {
       if (reaped[i].handler != nullptr) {
         reaped[i].handler->OnCompletion(reaped[i].result, reaped[i].flags);
@@ -318,11 +318,11 @@ bool EventLoop::ReapCompletions() {
 io_uring_sqe* EventLoop::GetSqe() {
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_->ring);
   if (sqe == nullptr) {
-    ++counters_.sq_full;
+    counters_.sq_full.Add(1);
     int r = io_uring_submit(&ring_->ring);
     if (r > 0) {
-      ++counters_.submit_calls;
-      counters_.sqes_submitted += r;
+      counters_.submit_calls.Add(1);
+      counters_.sqes_submitted.Add(static_cast<uint64_t>(r));
     }
     pending_sqes_ = io_uring_sq_ready(&ring_->ring);
     pending_io_sqes_ = 0;
@@ -342,9 +342,9 @@ void EventLoop::CommitIoSqe(io_uring_sqe* sqe, CompletionHandler* handler) {
   if (options_.io_submit_batch == 0 || ++pending_io_sqes_ < options_.io_submit_batch) return;
   int r = io_uring_submit(&ring_->ring);
   if (r > 0) {
-    ++counters_.submit_calls;
-    ++counters_.early_io_submits;
-    counters_.sqes_submitted += r;
+    counters_.submit_calls.Add(1);
+    counters_.early_io_submits.Add(1);
+    counters_.sqes_submitted.Add(static_cast<uint64_t>(r));
   }
   pending_sqes_ = io_uring_sq_ready(&ring_->ring);
   pending_io_sqes_ = 0;
@@ -414,7 +414,7 @@ void EventLoop::UnregisterBuffer(int slot) {
 
 void EventLoop::RunOnce(bool block) {
   loop_thread_.store(std::this_thread::get_id(), std::memory_order_release);
-  ++counters_.passes;
+  counters_.passes.Add(1);
   UpdateNow();
   bool work = ReapCompletions();
   work |= RunDueTimers();
@@ -443,12 +443,12 @@ void EventLoop::RunOnce(bool block) {
       ts.tv_nsec = timer_ns % 1'000'000'000;
       tsp = &ts;
     }
-    ++counters_.sleeps;
+    counters_.sleeps.Add(1);
     unsigned ready = io_uring_sq_ready(&ring_->ring);
     int r = io_uring_submit_and_wait_timeout(&ring_->ring, &cqe, 1, tsp, nullptr);
     if (ready > 0) {
-      ++counters_.submit_calls;
-      counters_.sqes_submitted += ready;
+      counters_.submit_calls.Add(1);
+      counters_.sqes_submitted.Add(ready);
     }
     (void)r;  // -ETIME (timer due) and -EINTR just start the next pass
     pending_sqes_ = 0;
@@ -456,12 +456,24 @@ void EventLoop::RunOnce(bool block) {
   } else if (io_uring_sq_ready(&ring_->ring) > 0) {
     int r = io_uring_submit(&ring_->ring);
     if (r > 0) {
-      ++counters_.submit_calls;
-      counters_.sqes_submitted += r;
+      counters_.submit_calls.Add(1);
+      counters_.sqes_submitted.Add(static_cast<uint64_t>(r));
     }
     pending_sqes_ = 0;
     pending_io_sqes_ = 0;
   }
+}
+
+EventLoop::Counters EventLoop::counters() const {
+  Counters c;
+  c.passes = counters_.passes.Get();
+  c.submit_calls = counters_.submit_calls.Get();
+  c.sqes_submitted = counters_.sqes_submitted.Get();
+  c.completions = counters_.completions.Get();
+  c.sleeps = counters_.sleeps.Get();
+  c.sq_full = counters_.sq_full.Get();
+  c.early_io_submits = counters_.early_io_submits.Get();
+  return c;
 }
 
 void EventLoop::Run() {

@@ -81,7 +81,8 @@ class EventLoop {
   static constexpr FdWatch kInvalidFdWatch = 0;
   static constexpr TimerId kInvalidTimer = 0;
 
-  // Counters for tests and benchmarks; read on the loop thread.
+  // What the loop did since it was created. Written by the loop thread; counters() may be read
+  // from any thread (each field is read atomically; the set is not one snapshot).
   struct Counters {
     uint64_t passes = 0;
     uint64_t submit_calls = 0;
@@ -168,7 +169,7 @@ class EventLoop {
   // Re-reads the clock (for callers outside Run(), such as tests driving the loop by hand).
   int64_t UpdateNow() { return now_ns_ = MonotonicNanos(); }
 
-  const Counters& counters() const { return counters_; }
+  Counters counters() const;
   const Options& options() const { return options_; }
 
  private:
@@ -227,7 +228,18 @@ class EventLoop {
   uint32_t pending_io_sqes_ = 0;
   int64_t last_work_ns_ = 0;
   int64_t now_ns_ = 0;
-  Counters counters_;
+  // One writer (the loop thread), any reader: relaxed load + store, no read-modify-write.
+  struct AtomicCounter {
+    std::atomic<uint64_t> value{0};
+    void Add(uint64_t n) {
+      value.store(value.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+    }
+    uint64_t Get() const { return value.load(std::memory_order_relaxed); }
+  };
+  struct {
+    AtomicCounter passes, submit_calls, sqes_submitted, completions, sleeps, sq_full;
+    AtomicCounter early_io_submits;
+  } counters_;
 };
 
 }  // namespace blockplane::common

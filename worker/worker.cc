@@ -194,6 +194,13 @@ DeviceMetricsSnapshot Worker::MetricsSnapshot() const {
       t.requests_replayed = x->requests_replayed.Get();
     }
   }
+  // The exporter's thread: EventLoop::counters() may be read from any thread.
+  const common::EventLoop::Counters loop = loop_->counters();
+  s.loop = {.passes = loop.passes,
+            .sleeps = loop.sleeps,
+            .submit_calls = loop.submit_calls,
+            .sqes_submitted = loop.sqes_submitted,
+            .completions = loop.completions};
   return s;
 }
 
@@ -425,8 +432,7 @@ blockplane::v1::DeviceStats Worker::Stats() const {
   out.set_highest_written_offset(stats.highest_written_offset);
   out.set_idle_ns(stats.idle_ns);
   out.set_size_bytes(device_->capacity());
-  // Stats() runs on the loop thread (the control channel), where the counters are written.
-  const common::EventLoop::Counters& c = loop_->counters();
+  const common::EventLoop::Counters c = loop_->counters();
   blockplane::v1::LoopStats* loop = out.mutable_loop();
   loop->set_passes(c.passes);
   loop->set_sleeps(c.sleeps);

@@ -208,6 +208,28 @@ std::vector<MetricFamily> DeviceCollector::Collect() const {
                            "Generation of the worker serving the device (1 + restarts).",
                            MetricType::Gauge));
   AddGauge(out.back(), device, static_cast<double>(s.generation));
+  // The worker's loop. Not in the stats segment: these restart at 0 with each generation, which
+  // Prometheus' rate() treats as a counter reset.
+  const struct {
+    const char* name;
+    const char* help;
+    uint64_t value;
+  } loop[] = {
+      {"blockplane_worker_loop_passes_total", "Passes of the worker's event loop.", s.loop.passes},
+      {"blockplane_worker_loop_sleeps_total",
+       "Loop passes that waited in the kernel for something to happen (few while polling).",
+       s.loop.sleeps},
+      {"blockplane_worker_loop_submit_calls_total", "io_uring_enter calls that submitted SQEs.",
+       s.loop.submit_calls},
+      {"blockplane_worker_loop_sqes_total", "SQEs submitted to the worker's io_uring.",
+       s.loop.sqes_submitted},
+      {"blockplane_worker_loop_completions_total", "CQEs reaped from the worker's io_uring.",
+       s.loop.completions},
+  };
+  for (const auto& c : loop) {
+    out.push_back(MakeFamily(c.name, c.help, MetricType::Counter));
+    AddCounter(out.back(), device, static_cast<double>(c.value));
+  }
   if (!s.transport.empty()) AddTransport(s.transport, device, &out);
   return out;
 }

@@ -45,6 +45,10 @@ struct DeviceMetricsSnapshot {
   // without a frontend. Exported with a `queue` label for queues 0..n-1, n being 1 + the highest
   // queue that Counted() (at least 1), so a 1-queue device has one series per counter.
   std::vector<TransportMetricsSnapshot> transport;
+  // The worker's event loop (common::EventLoop::Counters), since this generation started.
+  struct Loop {
+    uint64_t passes = 0, sleeps = 0, submit_calls = 0, sqes_submitted = 0, completions = 0;
+  } loop;
 };
 
 class DeviceCollector final : public prometheus::Collectable {

@@ -76,6 +76,15 @@ TEST(WorkerMetricsTest, MetricsMatchGetDeviceStatsAndBpctlAndPassPromtool) {
   state["state"] = "failed";
   EXPECT_EQ(ValueOf(m, "blockplane_device_state", state), 0);
   EXPECT_EQ(ValueOf(m, "blockplane_device_worker_generation", dev), 1);
+  // The loop went round and used its ring for the 64 writes (and reads) above; the scrape came
+  // after the gRPC stats, so its counters are at least those.
+  EXPECT_GE(ValueOf(m, "blockplane_worker_loop_passes_total", dev),
+            static_cast<double>(grpc_stats.loop().passes()));
+  EXPECT_GE(ValueOf(m, "blockplane_worker_loop_sqes_total", dev),
+            static_cast<double>(grpc_stats.loop().sqes_submitted()));
+  EXPECT_GE(grpc_stats.loop().sqes_submitted(), 64u);
+  EXPECT_GE(ValueOf(m, "blockplane_worker_loop_completions_total", dev), 64);
+  EXPECT_GT(ValueOf(m, "blockplane_worker_loop_submit_calls_total", dev), 0);
   EXPECT_GT(ValueOf(m, "process_open_fds"), 3);
   EXPECT_GT(ValueOf(m, "process_resident_memory_bytes"), 1 << 20);
   EXPECT_GE(ValueOf(m, "process_cpu_seconds_total"), 0);

@@ -40,6 +40,8 @@ DeviceMetricsSnapshot Snapshot() {
   t.invalid = {{"misaligned", 5}, {"bad_discard", 0}};
   t.persistent_hits = 9;
   t.requests_replayed = 7;
+  s.loop = {
+      .passes = 100, .sleeps = 4, .submit_calls = 20, .sqes_submitted = 320, .completions = 318};
   return s;
 }
 
@@ -88,6 +90,15 @@ TEST(DeviceCollectorTest, HistogramIsCumulativeWithTheBlockLayersBounds) {
       text.find(
           R"(blockplane_xen_ring_requests_replayed_total{device="dev0",frontend="xen",queue="0"} 7)"),
       std::string::npos);
+  const std::string d = R"({device="dev0",frontend="xen"})";
+  EXPECT_NE(text.find("blockplane_worker_loop_passes_total" + d + " 100\n"), std::string::npos)
+      << text;
+  EXPECT_NE(text.find("blockplane_worker_loop_sleeps_total" + d + " 4\n"), std::string::npos);
+  EXPECT_NE(text.find("blockplane_worker_loop_submit_calls_total" + d + " 20\n"),
+            std::string::npos);
+  EXPECT_NE(text.find("blockplane_worker_loop_sqes_total" + d + " 320\n"), std::string::npos);
+  EXPECT_NE(text.find("blockplane_worker_loop_completions_total" + d + " 318\n"),
+            std::string::npos);
   // Queue 0 alone counted: no series of the 15 others.
   EXPECT_EQ(text.find(R"(queue="1")"), std::string::npos);
 }
