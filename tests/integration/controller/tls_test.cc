@@ -97,7 +97,9 @@ class TcpApiTest : public ::testing::Test {
     }
     controller_ = std::make_unique<ControllerProcess>(flags);
     ASSERT_NO_FATAL_FAILURE(controller_->Start());
-    port_ = LoggedTcpPort(*controller_);
+    // The controller logs the port just after its server answers health checks, which is what
+    // Start() waits for.
+    WaitFor([&] { return (port_ = LoggedTcpPort(*controller_)) > 0; });
     ASSERT_GT(port_, 0) << Slurp(controller_->log_path());
     address_ = "127.0.0.1:" + std::to_string(port_);
   }
