@@ -1,8 +1,6 @@
 // NullBackend: what each completion mode costs the loop (a ring NOP, or nothing), and what it
 // does to the buffers.
 
-#include "worker/backend/null_backend.h"
-
 #include <sys/uio.h>
 
 #include <cstring>
@@ -10,6 +8,7 @@
 
 #include "gtest/gtest.h"
 #include "tests/unit/worker/test_util.h"
+#include "worker/backend/null_backend.h"
 
 namespace blockplane::worker {
 namespace {
