@@ -133,6 +133,28 @@ class WorkerCrashTest : public XenE2eTest {
     return pattern;
   }
 
+  // One queue, and guest kGuest's handles open (the start of every in-process crash case).
+  void StartOneQueueWithGuest() {
+    Start(CrashRun{.queues = 1});
+    if (::testing::Test::HasFatalFailure()) return;
+    ConnectGuest(kGuest);
+  }
+
+  // Stops the device's worker with SIGSTOP; `before` is the device as it was, `pid` the worker.
+  void FreezeWorker(v1::Device* before, pid_t* pid) {
+    *before = GetDevice();
+    *pid = before->status().worker_pid();
+    ASSERT_GT(*pid, 0);
+    ASSERT_EQ(::kill(*pid, SIGSTOP), 0);
+  }
+
+  // Reads back through `front` the blocks that `pattern` was written to (at sector 0).
+  static void ExpectReadBack(Blkfront& front, const std::vector<uint8_t>& pattern) {
+    std::vector<uint8_t> read_back(pattern.size(), 0);
+    ASSERT_NO_FATAL_FAILURE(BlockIo(front, BlkfrontOp::kRead, read_back));
+    EXPECT_EQ(read_back, pattern);
+  }
+
   // Runs bp-blkfront's verified randrw workload while killing the worker `run.kills` times,
   // each time once the previous generation has the guest connected and has served it a while.
   void RunWithKills(const CrashRun& run) {
@@ -286,9 +308,7 @@ TEST_F(WorkerCrashTest, OneQueueInGrantCopyModeSurvivesKills) {
 // none of the dead worker's grant maps left behind (the guest revokes every grant); then the same
 // guest connects again and reads back, through the new worker, what it wrote before.
 TEST_F(WorkerCrashTest, WorkerKilledWhileTheGuestClosesLetsItCloseAndReconnect) {
-  Start(CrashRun{.queues = 1});
-  if (HasFatalFailure()) return;
-  ConnectGuest(kGuest);
+  StartOneQueueWithGuest();
   if (HasFatalFailure()) return;
   blkfront_ = ConnectedFront();
   ASSERT_TRUE(blkfront_);
@@ -296,11 +316,10 @@ TEST_F(WorkerCrashTest, WorkerKilledWhileTheGuestClosesLetsItCloseAndReconnect) 
   std::vector<uint8_t> pattern = Pattern(7);
   ASSERT_NO_FATAL_FAILURE(BlockIo(*blkfront_, BlkfrontOp::kWrite, pattern));
 
-  const v1::Device before = GetDevice();
+  v1::Device before;
+  pid_t pid = 0;
+  ASSERT_NO_FATAL_FAILURE(FreezeWorker(&before, &pid));
   ASSERT_EQ(before.status().state(), v1::DEVICE_STATE_CONNECTED);
-  const pid_t pid = before.status().worker_pid();
-  ASSERT_GT(pid, 0);
-  ASSERT_EQ(::kill(pid, SIGSTOP), 0);
   absl::Status closed = absl::UnknownError("Disconnect did not return");
   std::thread closer([&] { closed = blkfront_->Disconnect(); });
   // The frontend has said Closing and now waits for the backend, which cannot answer.
@@ -322,9 +341,7 @@ TEST_F(WorkerCrashTest, WorkerKilledWhileTheGuestClosesLetsItCloseAndReconnect) 
   // A fresh connection of the same guest, served by the new worker, sees the data.
   blkfront_ = ConnectedFront();
   ASSERT_TRUE(blkfront_);
-  std::vector<uint8_t> read_back(pattern.size(), 0);
-  ASSERT_NO_FATAL_FAILURE(BlockIo(*blkfront_, BlkfrontOp::kRead, read_back));
-  EXPECT_EQ(read_back, pattern);
+  ASSERT_NO_FATAL_FAILURE(ExpectReadBack(*blkfront_, pattern));
   EXPECT_TRUE(blkfront_->Disconnect().ok());
   blkfront_.reset();
 }
@@ -337,9 +354,7 @@ TEST_F(WorkerCrashTest, WorkerKilledWhileTheGuestClosesLetsItCloseAndReconnect) 
 // the new rings are served afresh, every request on them is answered, and the data written
 // through the old ones is there.
 TEST_F(WorkerCrashTest, FrontendThatStartsOverWhileNoWorkerRunsIsServedAfresh) {
-  Start(CrashRun{.queues = 1});
-  if (HasFatalFailure()) return;
-  ConnectGuest(kGuest);
+  StartOneQueueWithGuest();
   if (HasFatalFailure()) return;
   blkfront_ = ConnectedFront();
   ASSERT_TRUE(blkfront_);
@@ -347,10 +362,9 @@ TEST_F(WorkerCrashTest, FrontendThatStartsOverWhileNoWorkerRunsIsServedAfresh) {
   std::vector<uint8_t> pattern = Pattern(13);
   ASSERT_NO_FATAL_FAILURE(BlockIo(*blkfront_, BlkfrontOp::kWrite, pattern));
 
-  const v1::Device before = GetDevice();
-  const pid_t pid = before.status().worker_pid();
-  ASSERT_GT(pid, 0);
-  ASSERT_EQ(::kill(pid, SIGSTOP), 0);
+  v1::Device before;
+  pid_t pid = 0;
+  ASSERT_NO_FATAL_FAILURE(FreezeWorker(&before, &pid));
   // The old driver is gone without closing (its pages stay granted, as Linux leaks them).
   std::unique_ptr<Blkfront> old = std::move(blkfront_);
   blkfront_ = ConnectedFront();
@@ -367,9 +381,7 @@ TEST_F(WorkerCrashTest, FrontendThatStartsOverWhileNoWorkerRunsIsServedAfresh) {
   EXPECT_THAT(log, Not(HasSubstr("request journal does not match"))) << log;
 
   // The new rings serve every request, and the data written through the old ones is there.
-  std::vector<uint8_t> read_back(pattern.size(), 0);
-  ASSERT_NO_FATAL_FAILURE(BlockIo(*blkfront_, BlkfrontOp::kRead, read_back));
-  EXPECT_EQ(read_back, pattern);
+  ASSERT_NO_FATAL_FAILURE(ExpectReadBack(*blkfront_, pattern));
   EXPECT_TRUE(blkfront_->Disconnect().ok());
   blkfront_.reset();
   old.reset();
@@ -384,9 +396,7 @@ TEST_F(WorkerCrashTest, FrontendThatStartsOverWhileNoWorkerRunsIsServedAfresh) {
 // Without it the next generation would answer the old requests on the new ring (ids the new
 // frontend never issued) and skip the new frontend's first three requests.
 TEST_F(WorkerCrashTest, FrontendThatStartsOverOnTheSameRefsAndPortIsServedAfresh) {
-  Start(CrashRun{.queues = 1});
-  if (HasFatalFailure()) return;
-  ConnectGuest(kGuest);
+  StartOneQueueWithGuest();
   if (HasFatalFailure()) return;
   std::unique_ptr<Blkfront> old = ConnectedFront();
   ASSERT_TRUE(old);
@@ -421,10 +431,9 @@ TEST_F(WorkerCrashTest, FrontendThatStartsOverOnTheSameRefsAndPortIsServedAfresh
   const common::xen::GrantRef old_ring_ref = old->queues()[0].ring_refs[0];
   const uint32_t old_port = old->queues()[0].event_channel->local_port();
 
-  const v1::Device before = GetDevice();
-  const pid_t pid = before.status().worker_pid();
-  ASSERT_GT(pid, 0);
-  ASSERT_EQ(::kill(pid, SIGSTOP), 0);
+  v1::Device before;
+  pid_t pid = 0;
+  ASSERT_NO_FATAL_FAILURE(FreezeWorker(&before, &pid));
   // The old driver goes away without closing; its event channel is closed and its ring ref is
   // given again to the new driver's ring, on the same page.
   old.reset();
@@ -456,9 +465,7 @@ TEST_F(WorkerCrashTest, FrontendThatStartsOverOnTheSameRefsAndPortIsServedAfresh
   // The new rings serve every request from their first, and nothing answers the old ones there.
   std::vector<uint8_t> pattern = Pattern(29);
   ASSERT_NO_FATAL_FAILURE(BlockIo(*blkfront_, BlkfrontOp::kWrite, pattern));
-  std::vector<uint8_t> read_back(pattern.size(), 0);
-  ASSERT_NO_FATAL_FAILURE(BlockIo(*blkfront_, BlkfrontOp::kRead, read_back));
-  EXPECT_EQ(read_back, pattern);
+  ASSERT_NO_FATAL_FAILURE(ExpectReadBack(*blkfront_, pattern));
   EXPECT_EQ(blkfront_->counters().bogus_responses, 0u);
   EXPECT_EQ(ReplayedInStatsSegment(worker::StatsSegmentPath(controller_->state_dir(), "xd0")), 0);
   EXPECT_TRUE(blkfront_->Disconnect().ok());
