@@ -159,6 +159,7 @@ BlockDevice::BlockDevice(common::EventLoop* loop, std::unique_ptr<Backend> backe
   max_transfer_ = AlignDown(std::max<uint64_t>(limits.max_transfer, align_), align_);
   max_segments_ = std::max<uint32_t>(limits.max_segments, 1);
   capacity_ = AlignDown(backend_->Capacity(), options_.logical_block_size);
+  may_pad_ = align_ > options_.logical_block_size;
   bounce_free_.resize(kPooledBounceClasses);
   last_completion_ns_.Set(static_cast<uint64_t>(common::MonotonicNanos()));
 }
@@ -287,6 +288,10 @@ void BlockDevice::Admit(Tracked* t) {
     const uint64_t end = start + t->length;
     t->overlap_start = AlignDown(start, align_);
     t->overlap_end = AlignUp(end, align_);
+    // Only a padded (read-modify-write) request can conflict with another, and none can be
+    // padded when the backend's alignment is at most the logical block size (Validate() holds
+    // every request to that): the overlap list would never be searched, so it is not kept.
+    if (!may_pad_) return Dispatch(t);
     const bool padded = t->overlap_start != start || t->overlap_end != end;
     // Writes that read-modify-write must not interleave with any overlapping request
     // (bdrv_make_request_serialising).
@@ -804,9 +809,9 @@ void BlockDevice::Finish(Tracked* t, int result) {
   }
   BlockCompletion* done = t->done;
   pool_.Put(t);
-  WakeWaiters();
+  if (!waiting_.empty()) WakeWaiters();
   done->OnBlockComplete(result);
-  CheckDrained();
+  if (!drain_callbacks_.empty()) CheckDrained();
 }
 
 // ---- Drain, resume, error stop ----

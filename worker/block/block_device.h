@@ -267,6 +267,7 @@ class BlockDevice {
   uint32_t buffer_align_ = 1;  // backend buffer alignment
   uint64_t max_transfer_ = 0;
   uint32_t max_segments_ = 1;
+  bool may_pad_ = false;  // align_ > logical block size: requests may need read-modify-write
 
   ObjectPool<Tracked> pool_;
   uint64_t next_seq_ = 1;
