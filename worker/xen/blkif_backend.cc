@@ -783,12 +783,15 @@ void BlkifBackend::ProcessQueue(Queue& queue) {
     if (options_.poll_ns > 0) queue.last_request_ns = loop_->now_ns();
     if (queue.ring->outstanding() + *available >= queue.ring->size())
       queue.counters.ring_full_stalls.Add();
+    uint32_t taken = 0;
     while (budget > 0 && !queue.held_barrier && !queue.stopped) {
       std::optional<std::span<const uint8_t>> slot = queue.ring->NextRequestSlot();
       if (!slot) break;
       --budget;
+      ++taken;
       TakeRequest(queue, *slot);
     }
+    queue.counters.requests_taken.Add(taken);  // once per batch: the counters are shared memory
     if (queue.stopped) return;
   }
   if (budget == 0 && !queue.process_scheduled) {
@@ -808,7 +811,6 @@ void BlkifBackend::StopQueue(Queue& queue, const absl::Status& why) {
 }
 
 void BlkifBackend::TakeRequest(Queue& queue, std::span<const uint8_t> slot) {
-  queue.counters.requests_taken.Add();
   if (queue.journal_free.empty()) {
     // An honest frontend cannot get here: it has at most a ring of requests without a published
     // response, and entries are freed when responses are published.
@@ -1278,7 +1280,6 @@ void BlkifBackend::RespondLater(Queue& queue, uint64_t id, uint8_t operation, in
     return;
   }
   queue.answered.push_back(entry);
-  queue.counters.responses.Add();
   if (!queue.push_scheduled) {
     queue.push_scheduled = true;
     loop_->Defer(&queue.push_kick, 0);
@@ -1288,6 +1289,7 @@ void BlkifBackend::RespondLater(Queue& queue, uint64_t id, uint8_t operation, in
 void BlkifBackend::PushResponses(Queue& queue) {
   if (!queue.ring || queue.answered.empty()) return;
   const bool notify = queue.ring->PushResponsesAndCheckNotify();
+  queue.counters.responses.Add(queue.answered.size());  // published now
   // Published: the guest has these responses; their requests are no longer owed.
   for (uint32_t entry : queue.answered) {
     BlkifJournal::Clear(*queue.journal, entry);

@@ -134,7 +134,7 @@ struct BlkifBackendOptions {
 // Counters, summed over the queues (single writer: the loop thread; any reader through Stats()).
 struct BlkifBackendStats {
   uint64_t requests_taken = 0;
-  uint64_t responses = 0;
+  uint64_t responses = 0;  // published to the frontend (counted at the push)
   uint64_t notifications_sent = 0;
   uint64_t notifications_received = 0;
   uint64_t ring_full_stalls = 0;  // a poll found every request slot of the ring outstanding
