@@ -11,7 +11,8 @@
 # drift hits both sides of a pair alike. The median of the per-pair B/A ratios is the answer.
 #
 # A, B: worker binaries (default: BUILD's); GA, GB: bp-blkfront binaries (default: BUILD's).
-# QD (32), RUNTIME per run in s (1), PAIRS (16), GUEST_CPU (0), WORKER_CPU (1).
+# QD (32), RUNTIME per run in s (1), PAIRS (16), GUEST_CPU (0), WORKER_CPU (1); ATTACH_FLAGS: more
+# `bpctl attach` flags for both devices (e.g. "--null-completion deferred").
 # Prints one line per pair and the median; writes $OUT/ab.json (default $BUILD/bench-results-ab).
 # Needs an otherwise idle machine. Not a test.
 set -euo pipefail
@@ -46,7 +47,7 @@ start_side() {  # SIDE WORKER-BINARY VDEV
   pids+=($!)
   for _ in $(seq 100); do [ -S "$work/$side.sock" ] && break; sleep 0.1; done
   "$bin/bpctl" --socket "$work/$side.sock" attach "null-$side" --null-size 1G --xen-domid 5 \
-    --xen-vdev "$vdev" --xen-max-queues 1 >/dev/null
+    --xen-vdev "$vdev" --xen-max-queues 1 ${ATTACH_FLAGS:-} >/dev/null
   pid=$("$bin/bpctl" --socket "$work/$side.sock" get "null-$side" --json |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["status"]["workerPid"])')
   taskset -a -p -c "$WORKER_CPU" "$pid" >/dev/null

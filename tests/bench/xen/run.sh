@@ -13,6 +13,9 @@
 #     run's ratio is to the mean of the two; and the same null device with deferred completion
 #     (spec.backend.null.completion: no kernel call per request, like QEMU's null-co), polled
 #     only, which leaves the stack alone in the measurement,
+#   - the same two null devices on one CPU (xen_path_bench: guest, backend and block layer in one
+#     process on WORKER_CPU, no hand-off between CPUs, so no dependence on where the host puts
+#     the two vCPUs), QD32 polled, bracketed by NOP runs like the others,
 # 4 KiB random reads at QD1 and QD32, each in two modes:
 #   - notify: the guest sleeps on its event channel, the worker sleeps in io_uring until kicked;
 #   - poll:   the guest spins on its ring (bp-blkfront --poll, never asks for a kick) and the
@@ -43,7 +46,7 @@ if [ ! -f "$BUILD/CMakeCache.txt" ]; then
   cmake -S "$root" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 fi
 nice ninja -C "$BUILD" -j1 blockplaned blockplane-worker bpctl bp-xenhost bp-blkfront \
-  dataplane_bench >&2
+  dataplane_bench xen_path_bench >&2
 bin=$BUILD/bin
 
 if [ ! -f "$FILE" ] || [ "$(stat -c %s "$FILE")" -ne $((1 << 30)) ]; then
@@ -97,6 +100,8 @@ record() {  # REP QD CONTENDER JSON-FIELDS
 
 NOP_CMD=(taskset -c "$WORKER_CPU" "$bin/dataplane_bench" nop --batch 32 --seconds "$RUNTIME")
 echo "${NOP_CMD[*]}" >>"$OUT/commands.txt"
+ONE_CPU_CMD=(taskset -c "$WORKER_CPU" "$bin/xen_path_bench" --qd 32 --seconds "$RUNTIME")
+echo "${ONE_CPU_CMD[*]} --completion nop|deferred" >>"$OUT/commands.txt"
 fio_cmd() {  # QD
   echo taskset -c "$WORKER_CPU" fio --name=randread --filename="$work/disks/bench.img" \
     --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth="$1" --numjobs=1 --size=1g \
@@ -159,6 +164,14 @@ for rep in $(seq "$REPS"); do
     [ "$qd" = 32 ] && run_nop "$rep" after
     run_blkfront "$rep" "$qd" "null deferred poll" nulld-poll xvde --poll
     [ "$qd" = 32 ] && run_nop "$rep" last
+    if [ "$qd" = 32 ]; then
+      for mode in nop deferred; do
+        n=$("${ONE_CPU_CMD[@]}" --completion "$mode" 2>/dev/null |
+          python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["errors"]==0, r; print(r["ops_per_sec"])')
+        record "$rep" 32 "one CPU null $mode" "\"iops\":$n"
+      done
+      run_nop "$rep" one-cpu-after
+    fi
     echo "rep $rep qd $qd done" >&2
   done
 done
@@ -178,7 +191,16 @@ nop_bracket = {
     "null notify": [(a + b) / 2 for a, b in zip(nop_at("before"), nop_at("between"))],
     "null poll": [(a + b) / 2 for a, b in zip(nop_at("between"), nop_at("after"))],
     "null deferred poll": [(a + b) / 2 for a, b in zip(nop_at("after"), nop_at("last"))],
+    "one CPU null nop": [(a + b) / 2 for a, b in zip(nop_at("last"), nop_at("one-cpu-after"))],
+    "one CPU null deferred": [(a + b) / 2 for a, b in zip(nop_at("last"), nop_at("one-cpu-after"))],
 }
+one_cpu = {}
+for c in ("one CPU null nop", "one CPU null deferred"):
+    v = runs(32, c)
+    ratios = [a / b for a, b in zip(v, nop_bracket[c])]
+    one_cpu[c] = {"median_iops": statistics.median(v), "runs": v, "paired_ratios": ratios,
+                  "median_paired_ratio": statistics.median(ratios),
+                  "median_ns_per_op": statistics.median(1e9 / x for x in v)}
 contenders = ["fio io_uring O_DIRECT", "file notify", "file poll", "null notify", "null poll",
               "null deferred poll"]
 res = {"nop_batch32": {"median_ops_per_sec": statistics.median(nop), "runs": nop,
@@ -203,6 +225,7 @@ for qd in (1, 32):
             e["ratio_to"] = "fio, same QD" if c.startswith("file") else "io_uring NOP batch 32"
         q[c] = e
     res[f"qd{qd}"] = q
+res["one_cpu_qd32"] = one_cpu
 def sh(*a):
     try:
         return subprocess.run(a, capture_output=True, text=True, cwd=root).stdout.strip()
@@ -244,6 +267,11 @@ with open(f"{out}/results.md", "w") as md:
         md.write(f"| {qd} | null, deferred completion | - | - | {d['median_iops']:.0f}{dratio} | - "
                  f"| {d['median_p50_us']:.1f} / {d['median_p99_us']:.1f} "
                  f"| - / {d['median_worker_cpu_ns_per_op']:.0f} |\n")
+    md.write("\nOne CPU (xen_path_bench: guest and worker in one process, QD32, polled): ")
+    md.write("; ".join(f"null {c.split()[-1]}: {e['median_iops']:.0f} IOPS, "
+                       f"{e['median_ns_per_op']:.0f} ns per request for both sides, "
+                       f"{e['median_paired_ratio']:.3f}x NOP"
+                       for c, e in one_cpu.items()) + ".\n")
     md.write("\nTargets: file QD32 >= 0.9x fio; null QD32 >= 0.5x the NOP rate. \"null\" completes "
              "every request through an io_uring NOP; \"deferred completion\" makes no kernel call "
              "per request (QEMU's null-co).\n\nCommands:\n\n```\n")
