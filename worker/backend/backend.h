@@ -21,12 +21,18 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "common/event_loop.h"
 
 namespace blockplane::worker {
 
-class BackendCompletion {
+// Also a loop completion handler: a backend whose request completes as one loop event (an
+// io_uring NOP, a deferred completion) hands the caller's object to the loop itself, with no
+// per-request object of its own in between. The event's result becomes the request's: negative
+// stays, anything else is 0.
+class BackendCompletion : public common::CompletionHandler {
  public:
   virtual void OnBackendComplete(int result) = 0;
+  void OnCompletion(int32_t result, uint32_t) final { OnBackendComplete(result < 0 ? result : 0); }
 
  protected:
   ~BackendCompletion() = default;

@@ -5,31 +5,18 @@ namespace blockplane::worker {
 NullBackend::NullBackend(common::EventLoop* loop, Options options)
     : loop_(loop), options_(options) {}
 
-void NullBackend::Op::OnCompletion(int32_t result, uint32_t) {
-  BackendCompletion* completion = done;
-  NullBackend* owner = backend;
-  owner->ops_.Put(this);
-  completion->OnBackendComplete(result < 0 ? result : 0);
-}
-
-void NullBackend::SubmitOp(Op* op) {
+void NullBackend::Complete(BackendCompletion* done) {
   if (options_.latency.count() > 0) {
-    loop_->AddTimer(options_.latency, [this, op] { loop_->Defer(op, 0); });
+    loop_->AddTimer(options_.latency, [this, done] { loop_->Defer(done, 0); });
     return;
   }
   if (options_.completion == Completion::kDeferred) {
-    loop_->Defer(op, 0);
+    loop_->Defer(done, 0);
     return;
   }
-  if (!loop_->SubmitNop(op)) {
-    loop_->AddSqeWaiter([this, op] { SubmitOp(op); });
+  if (!loop_->SubmitNop(done)) {
+    loop_->AddSqeWaiter([this, done] { Complete(done); });
   }
-}
-
-void NullBackend::Complete(BackendCompletion* done) {
-  Op* op = ops_.Get(this);
-  op->done = done;
-  SubmitOp(op);
 }
 
 void NullBackend::Read(uint64_t, const iovec* iov, int iovcnt, BackendCompletion* done) {

@@ -11,7 +11,6 @@
 
 #include "common/event_loop.h"
 #include "worker/backend/backend.h"
-#include "worker/backend/object_pool.h"
 
 namespace blockplane::worker {
 
@@ -46,18 +45,12 @@ class NullBackend final : public Backend {
   absl::Status Grow(uint64_t new_capacity) override;
 
  private:
-  struct Op final : public common::CompletionHandler {
-    explicit Op(NullBackend* backend) : backend(backend) {}
-    void OnCompletion(int32_t result, uint32_t) override;
-    NullBackend* backend;
-    BackendCompletion* done = nullptr;
-  };
+  // Completes `done` through the loop: the NOP's (or the deferred event's) handler is `done`
+  // itself (BackendCompletion is a loop completion handler), so nothing is allocated or pooled.
   void Complete(BackendCompletion* done);
-  void SubmitOp(Op* op);
 
   common::EventLoop* loop_;
   Options options_;
-  ObjectPool<Op> ops_;
 };
 
 }  // namespace blockplane::worker

@@ -78,11 +78,16 @@ int LatencyBucketIndex(uint64_t ns) {
 }
 
 // Per-request state, pooled. It is the completion object for every backend operation the
-// request issues (a phase counts its outstanding parts), and the deferred-completion handler.
-struct BlockDevice::Tracked final : public BackendCompletion, public common::CompletionHandler {
-  explicit Tracked(BlockDevice* device) : device(device) {}
+// request issues (a phase counts its outstanding parts); `finish_later` finishes it on a later
+// pass (CompleteLater).
+struct BlockDevice::Tracked final : public BackendCompletion {
+  explicit Tracked(BlockDevice* device) : device(device), finish_later(this) {}
   void OnBackendComplete(int result) override { device->OnPartDone(this, result); }
-  void OnCompletion(int32_t result, uint32_t) override { device->Finish(this, result); }
+  struct FinishLater final : public common::CompletionHandler {
+    explicit FinishLater(Tracked* t) : t(t) {}
+    void OnCompletion(int32_t result, uint32_t) override { t->device->Finish(t, result); }
+    Tracked* t;
+  };
 
   enum class Phase : uint8_t { kNone, kRmwRead, kMain, kZeroFallback, kFuaFlush };
   struct Chunk {
@@ -92,6 +97,7 @@ struct BlockDevice::Tracked final : public BackendCompletion, public common::Com
   };
 
   BlockDevice* device;
+  FinishLater finish_later;
   BlockRequest req;
   BlockCompletion* done = nullptr;
   BlockOp op = BlockOp::kRead;       // what is executed (detect-zeroes may change a write)
@@ -738,7 +744,7 @@ void BlockDevice::OnPhaseDone(Tracked* t) {
   }
 }
 
-void BlockDevice::CompleteLater(Tracked* t, int result) { loop_->Defer(t, result); }
+void BlockDevice::CompleteLater(Tracked* t, int result) { loop_->Defer(&t->finish_later, result); }
 
 void BlockDevice::Account(const Tracked* t, int result, int64_t now) {
   OpCounters& c = op_counters_[static_cast<int>(t->acct_op)];
