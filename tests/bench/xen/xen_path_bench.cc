@@ -12,9 +12,7 @@
 // hand-off between CPUs: tests/bench/xen/run.sh measures the same stack with the guest and the
 // worker on two vCPUs, where the rate also depends on how fast cache lines move between them
 // (on a VM that changes with where the host puts the vCPUs). Here the result is steady, so small
-// changes to the per-request path show; and under `valgrind --tool=callgrind` it gives
-// instruction counts per request by function (the worker process itself does not run under
-// valgrind: EventLoop::Run registers its ring fd, which valgrind does not know).
+// changes to the per-request path show in an interleaved A/B of two builds.
 
 #include <stdlib.h>
 #include <string.h>
@@ -93,7 +91,6 @@ int Run(const Args& args) {
   if (absl::Status s = blkback->Start(); !s.ok()) return Fail(std::string(s.message()));
 
   // The handshake needs both sides at once: the backend's loop on a thread until connected.
-  // RunUntil, not Run: Run registers the ring fd, which valgrind does not understand.
   std::atomic<bool> stop{false};
   auto run_loop = [&] {
     (*loop)->RunUntil([&] { return stop.load(); });
