@@ -1,6 +1,7 @@
 // NullBackend: what each completion mode costs the loop (a ring NOP, or nothing), and what it
-// does to the buffers.
+// does to the buffers; and the loop-event result mapping of BackendCompletion it relies on.
 
+#include <errno.h>
 #include <sys/uio.h>
 
 #include <cstring>
@@ -87,6 +88,21 @@ TEST(NullBackendTest, EveryOperationCompletesInBothModes) {
       EXPECT_EQ(w->result, 0) << static_cast<int>(completion);
     }
   }
+}
+
+// A BackendCompletion handed to the loop as its own event handler (what the null backend does)
+// gets the event's result as a backend result: negative stays, anything else is success.
+TEST(BackendCompletionTest, LoopEventResultBecomesTheBackendResult) {
+  std::unique_ptr<common::EventLoop> loop = MakeLoop();
+  Waiter bytes, error, zero;
+  loop->Defer(&bytes, 4096);
+  loop->Defer(&error, -EIO);
+  loop->Defer(&zero, 0);
+  loop->RunOnce(/*block=*/false);
+  ASSERT_TRUE(bytes.done && error.done && zero.done);
+  EXPECT_EQ(bytes.result, 0);
+  EXPECT_EQ(error.result, -EIO);
+  EXPECT_EQ(zero.result, 0);
 }
 
 }  // namespace
