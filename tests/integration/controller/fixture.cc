@@ -244,4 +244,36 @@ v1::Device GetDevice(ControllerProcess& controller, const std::string& id) {
   return out;
 }
 
+v1::DeviceStats GetDeviceStats(ControllerProcess& controller, const std::string& id) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  v1::GetDeviceStatsRequest req;
+  req.set_device_id(id);
+  v1::DeviceStats out;
+  grpc::Status s = controller.stub().GetDeviceStats(&ctx, req, &out);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  return out;
+}
+
+v1::OpStats OpOf(const v1::DeviceStats& stats, const std::string& op) {
+  for (const v1::OpStats& o : stats.ops()) {
+    if (o.op() == op) return o;
+  }
+  return v1::OpStats();
+}
+
+grpc::Status DrainDevice(ControllerProcess& controller, const std::string& id, v1::Device* out) {
+  grpc::ClientContext ctx;
+  v1::DrainDeviceRequest req;
+  req.set_device_id(id);
+  return controller.stub().DrainDevice(&ctx, req, out);
+}
+
+grpc::Status ResumeDevice(ControllerProcess& controller, const std::string& id, v1::Device* out) {
+  grpc::ClientContext ctx;
+  v1::ResumeDeviceRequest req;
+  req.set_device_id(id);
+  return controller.stub().ResumeDevice(&ctx, req, out);
+}
+
 }  // namespace blockplane::testing

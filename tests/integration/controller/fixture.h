@@ -78,4 +78,14 @@ bool ProcessAlive(pid_t pid);
 // GetDevice over gRPC; fails the test (and returns an empty Device) on error.
 v1::Device GetDevice(ControllerProcess& controller, const std::string& id);
 
+// GetDeviceStats over gRPC; fails the test (and returns empty stats) on error.
+v1::DeviceStats GetDeviceStats(ControllerProcess& controller, const std::string& id);
+
+// The stats of `op` ("read", "write", ...) in `stats`; an empty OpStats if absent.
+v1::OpStats OpOf(const v1::DeviceStats& stats, const std::string& op);
+
+// DrainDevice / ResumeDevice over gRPC: the call's status; `out` gets the device it returned.
+grpc::Status DrainDevice(ControllerProcess& controller, const std::string& id, v1::Device* out);
+grpc::Status ResumeDevice(ControllerProcess& controller, const std::string& id, v1::Device* out);
+
 }  // namespace blockplane::testing

@@ -81,20 +81,14 @@ TEST_F(LifecycleTest, AttachResizeDrainResumeDetachThroughGrpc) {
     EXPECT_EQ(static_cast<uint64_t>(st.st_size), 128 * kMiB);
   }
   {
-    grpc::ClientContext ctx;
-    v1::DrainDeviceRequest req;
-    req.set_device_id("dev0");
     v1::Device out;
-    grpc::Status s = controller_.stub().DrainDevice(&ctx, req, &out);
+    grpc::Status s = testing::DrainDevice(controller_, "dev0", &out);
     ASSERT_TRUE(s.ok()) << s.error_message();
     EXPECT_EQ(out.status().state(), v1::DEVICE_STATE_DRAINED);
   }
   {
-    grpc::ClientContext ctx;
-    v1::ResumeDeviceRequest req;
-    req.set_device_id("dev0");
     v1::Device out;
-    grpc::Status s = controller_.stub().ResumeDevice(&ctx, req, &out);
+    grpc::Status s = testing::ResumeDevice(controller_, "dev0", &out);
     ASSERT_TRUE(s.ok()) << s.error_message();
     EXPECT_EQ(out.status().state(), v1::DEVICE_STATE_WAITING_FOR_FRONTEND);
   }

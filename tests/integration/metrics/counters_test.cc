@@ -23,7 +23,7 @@ TEST(CountersTest, CountersContinueAcrossAWorkerKilledWithSigkill) {
 
   v1::DeviceStats after_io = RunSelfTestIo(controller, "dev0", 100, 8192, /*write=*/true);
   RunSelfTestIo(controller, "dev0", 50, 4096, /*write=*/false);
-  v1::DeviceStats before = GetStats(controller, "dev0");
+  v1::DeviceStats before = GetDeviceStats(controller, "dev0");
   EXPECT_EQ(OpOf(after_io, "write").bytes(), 100u * 8192);
   EXPECT_EQ(OpOf(before, "write").operations(), 100u);
   EXPECT_EQ(OpOf(before, "write").bytes(), 100u * 8192);
@@ -42,7 +42,7 @@ TEST(CountersTest, CountersContinueAcrossAWorkerKilledWithSigkill) {
   }));
 
   // The new generation starts where the old one stopped: nothing lost, nothing reset.
-  v1::DeviceStats restarted = GetStats(controller, "dev0");
+  v1::DeviceStats restarted = GetDeviceStats(controller, "dev0");
   EXPECT_EQ(restarted.worker_generation(), 2u);
   EXPECT_EQ(OpOf(restarted, "write").bytes(), OpOf(before, "write").bytes());
   EXPECT_EQ(OpOf(restarted, "read").bytes(), OpOf(before, "read").bytes());
@@ -92,7 +92,7 @@ TEST(CountersTest, CountersSurviveAKillInTheMiddleOfALoad) {
   // Mid-load: writes are being counted.
   uint64_t seen = 0;
   ASSERT_TRUE(WaitFor([&] {
-    seen = OpOf(GetStats(controller, "dev0"), "write").operations();
+    seen = OpOf(GetDeviceStats(controller, "dev0"), "write").operations();
     return seen >= 2000;
   }));
   pid_t first = device.status().worker_pid();
@@ -103,7 +103,7 @@ TEST(CountersTest, CountersSurviveAKillInTheMiddleOfALoad) {
     return d.status().worker_generation() == 2 && d.status().worker_pid() != first &&
            d.status().state() == v1::DEVICE_STATE_WAITING_FOR_FRONTEND;
   }));
-  v1::DeviceStats restarted = GetStats(controller, "dev0");
+  v1::DeviceStats restarted = GetDeviceStats(controller, "dev0");
   const v1::OpStats writes = OpOf(restarted, "write");
   // Nothing counted before the kill is lost, and the load really was cut short.
   EXPECT_GE(writes.operations(), seen);

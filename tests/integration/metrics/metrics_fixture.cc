@@ -43,24 +43,6 @@ v1::DeviceStats RunSelfTestIo(ControllerProcess& controller, const std::string& 
   return stats;
 }
 
-v1::DeviceStats GetStats(ControllerProcess& controller, const std::string& id) {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-  v1::GetDeviceStatsRequest req;
-  req.set_device_id(id);
-  v1::DeviceStats stats;
-  grpc::Status s = controller.stub().GetDeviceStats(&ctx, req, &stats);
-  EXPECT_TRUE(s.ok()) << s.error_message();
-  return stats;
-}
-
-v1::OpStats OpOf(const v1::DeviceStats& stats, const std::string& op) {
-  for (const v1::OpStats& o : stats.ops()) {
-    if (o.op() == op) return o;
-  }
-  return v1::OpStats();
-}
-
 int HttpGetStatus(const std::string& host_port, const std::string& path, std::string* body) {
   body->clear();
   size_t colon = host_port.rfind(':');

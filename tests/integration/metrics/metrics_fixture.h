@@ -21,12 +21,6 @@ v1::Device AttachTestDevice(ControllerProcess& controller, const std::string& id
 v1::DeviceStats RunSelfTestIo(ControllerProcess& controller, const std::string& id, uint32_t ops,
                               uint32_t bytes, bool write);
 
-// GetDeviceStats over gRPC.
-v1::DeviceStats GetStats(ControllerProcess& controller, const std::string& id);
-
-// The stats of `op` ("read", "write", ...) in `stats`; an empty OpStats if absent.
-v1::OpStats OpOf(const v1::DeviceStats& stats, const std::string& op);
-
 // HTTP GET on host:port with civetweb's client.
 // Returns the body; fails the test unless the status is 200.
 std::string HttpGet(const std::string& host_port, const std::string& path);

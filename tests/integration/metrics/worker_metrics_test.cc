@@ -23,7 +23,7 @@ TEST(WorkerMetricsTest, MetricsMatchGetDeviceStatsAndBpctlAndPassPromtool) {
   RunSelfTestIo(controller, "dev0", 32, 8192, /*write=*/false);
 
   // No I/O runs now, so the three views must agree exactly.
-  v1::DeviceStats grpc_stats = GetStats(controller, "dev0");
+  v1::DeviceStats grpc_stats = GetDeviceStats(controller, "dev0");
   std::string text = HttpGet(endpoint, "/metrics");
   CommandResult bpctl = controller.Bpctl({"--json", "stats", "dev0"});
   ASSERT_EQ(bpctl.exit_code, 0) << bpctl.err;

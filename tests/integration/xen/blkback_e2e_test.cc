@@ -106,20 +106,10 @@ class XenBackendE2eTest : public XenE2eTest {
     return device;
   }
 
-  v1::DeviceStats GetStats() {
-    grpc::ClientContext context;
-    v1::GetDeviceStatsRequest request;
-    request.set_device_id("xd0");
-    v1::DeviceStats stats;
-    EXPECT_TRUE(controller_->stub().GetDeviceStats(&context, request, &stats).ok());
-    return stats;
-  }
+  v1::DeviceStats GetStats() { return testing::GetDeviceStats(*controller_, "xd0"); }
 
   static uint64_t Ops(const v1::DeviceStats& stats, const std::string& op) {
-    for (const auto& o : stats.ops()) {
-      if (o.op() == op) return o.operations();
-    }
-    return 0;
+    return testing::OpOf(stats, op).operations();
   }
 
   // The handshake up to Connected, with 32 request slots of 32 pages per queue.
@@ -447,11 +437,8 @@ TEST_F(XenBackendE2eTest, DrainDuringLoadThenResume) {
   });
   ASSERT_TRUE(testing::WaitFor([&] { return round.load() >= 3; }, 20000));
 
-  grpc::ClientContext drain_context;
-  v1::DrainDeviceRequest drain;
-  drain.set_device_id("xd0");
   v1::Device drained;
-  ASSERT_TRUE(controller_->stub().DrainDevice(&drain_context, drain, &drained).ok());
+  ASSERT_TRUE(testing::DrainDevice(*controller_, "xd0", &drained).ok());
   ASSERT_EQ(drained.status().state(), v1::DEVICE_STATE_DRAINED);
   const v1::DeviceStats at_drain = GetStats();
   // The guest has requests on the ring (left over or its next batch); the backend has taken them
@@ -469,11 +456,8 @@ TEST_F(XenBackendE2eTest, DrainDuringLoadThenResume) {
   EXPECT_EQ(Ops(while_drained, "read"), Ops(at_drain, "read"));
   EXPECT_EQ(GetDevice().status().state(), v1::DEVICE_STATE_DRAINED);
 
-  grpc::ClientContext resume_context;
-  v1::ResumeDeviceRequest resume;
-  resume.set_device_id("xd0");
   v1::Device resumed;
-  ASSERT_TRUE(controller_->stub().ResumeDevice(&resume_context, resume, &resumed).ok());
+  ASSERT_TRUE(testing::ResumeDevice(*controller_, "xd0", &resumed).ok());
   EXPECT_EQ(resumed.status().state(), v1::DEVICE_STATE_CONNECTED);
   ASSERT_TRUE(testing::WaitFor(
       [&] { return progress.completed.load() > completed_while_drained + 16; }, 20000));

@@ -54,25 +54,10 @@ class NullBackendTest : public XenE2eTest {
   }
 
   // The worker's loop counters (GetDeviceStats).
-  v1::LoopStats Loop() {
-    grpc::ClientContext context;
-    v1::GetDeviceStatsRequest request;
-    request.set_device_id("xd0");
-    v1::DeviceStats stats;
-    EXPECT_TRUE(controller_->stub().GetDeviceStats(&context, request, &stats).ok());
-    return stats.loop();
-  }
+  v1::LoopStats Loop() { return testing::GetDeviceStats(*controller_, "xd0").loop(); }
 
   uint64_t Ops(const std::string& op) {
-    grpc::ClientContext context;
-    v1::GetDeviceStatsRequest request;
-    request.set_device_id("xd0");
-    v1::DeviceStats stats;
-    EXPECT_TRUE(controller_->stub().GetDeviceStats(&context, request, &stats).ok());
-    for (const auto& o : stats.ops()) {
-      if (o.op() == op) return o.operations();
-    }
-    return 0;
+    return testing::OpOf(testing::GetDeviceStats(*controller_, "xd0"), op).operations();
   }
 
   void ConnectFrontend() {

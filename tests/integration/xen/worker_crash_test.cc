@@ -402,11 +402,8 @@ TEST_F(WorkerCrashTest, FrontendThatStartsOverOnTheSameRefsAndPortIsServedAfresh
   ASSERT_TRUE(old);
   // Drained: the worker takes (and journals) the next requests, but the block layer holds them.
   {
-    grpc::ClientContext context;
-    v1::DrainDeviceRequest drain;
-    drain.set_device_id("xd0");
     v1::Device drained;
-    ASSERT_TRUE(controller_->stub().DrainDevice(&context, drain, &drained).ok());
+    ASSERT_TRUE(testing::DrainDevice(*controller_, "xd0", &drained).ok());
     ASSERT_EQ(drained.status().state(), v1::DEVICE_STATE_DRAINED);
   }
   for (uint32_t i = 0; i < 3; ++i) {
@@ -452,11 +449,8 @@ TEST_F(WorkerCrashTest, FrontendThatStartsOverOnTheSameRefsAndPortIsServedAfresh
            after.status().state() == v1::DEVICE_STATE_DRAINED;
   })) << after.DebugString();
   {
-    grpc::ClientContext context;
-    v1::ResumeDeviceRequest resume;
-    resume.set_device_id("xd0");
     v1::Device resumed;
-    ASSERT_TRUE(controller_->stub().ResumeDevice(&context, resume, &resumed).ok());
+    ASSERT_TRUE(testing::ResumeDevice(*controller_, "xd0", &resumed).ok());
   }
   const std::string log = ReadWholeFile(controller_->log_path());
   EXPECT_THAT(log, HasSubstr("started its rings over")) << log;
