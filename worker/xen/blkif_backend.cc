@@ -635,7 +635,9 @@ absl::Status BlkifBackend::Resize() {
 
 void BlkifBackend::Detach(std::function<void()> done) {
   detaching_ = true;
-  (void)SwitchState(XenbusState::kClosing);
+  // Closing tells a frontend to let go; a backend already Closed (its frontend closed first) has
+  // nobody to tell, and a Closing there would send a closed frontend through its close path again.
+  if (backend_state_ != XenbusState::kClosed) (void)SwitchState(XenbusState::kClosing);
   auto finish = [this, done = std::move(done)] {
     (void)SwitchState(XenbusState::kClosed);
     if (xenstore_watch_) loop_->RemoveFd(xenstore_watch_);

@@ -41,6 +41,7 @@ namespace {
 using harness::GuestIo;
 using harness::RawBlkifRequest;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 constexpr uint32_t kGuestPages = 8192;
 constexpr uint32_t kGuestGrants = 8192;
@@ -627,6 +628,28 @@ TEST_F(XenBackendE2eTest, FrontendReconnects) {
   VerifiedIo(0, 0, 8, 4, 2);
   ASSERT_TRUE(
       testing::WaitFor([&] { return GetDevice().status().state() == v1::DEVICE_STATE_CONNECTED; }));
+}
+
+// The frontend closes first, then the device is detached: the backend, Closed already, stays
+// Closed (no Closing the closed frontend would react to) and the worker exits cleanly.
+TEST_F(XenBackendE2eTest, DetachAfterFrontendClosedStaysClosed) {
+  StartAll();
+  if (HasFatalFailure()) return;
+  ASSERT_TRUE(Attach(Spec(1, 0, true)).ok());
+  ConnectFrontend("x86_64-abi", true, 0, 1);
+  if (HasFatalFailure()) return;
+  VerifiedIo(0, 0, 8, 4, 1);
+  ASSERT_TRUE(blkfront_->Disconnect().ok());
+  ASSERT_TRUE(testing::WaitFor(
+      [&] { return GetDevice().status().state() == v1::DEVICE_STATE_WAITING_FOR_FRONTEND; }));
+  EXPECT_EQ(Xenstore({"xenstore-read", kBackend + "/state"}), "6\n");
+  ASSERT_TRUE(Detach().ok());
+  const std::string log = ReadWholeFile(controller_->log_path());
+  EXPECT_THAT(log, HasSubstr("Connected -> Closing"));
+  EXPECT_THAT(log, Not(HasSubstr("Closed -> Closing"))) << log;
+  EXPECT_THAT(log, HasSubstr(" 0 still mapped"));
+  EXPECT_THAT(log, HasSubstr("worker exited with status 0"));
+  EXPECT_FALSE(dom0_->xenstore().Read(kBackend + "/state", 0).ok());
 }
 
 // A persistent-grant cache far smaller than the working set: least recently used grants are
