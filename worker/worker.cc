@@ -439,6 +439,17 @@ blockplane::v1::DeviceStats Worker::Stats() const {
   loop->set_submit_calls(c.submit_calls);
   loop->set_sqes_submitted(c.sqes_submitted);
   loop->set_completions(c.completions);
+  blockplane::v1::BlockLayerStats* block = out.mutable_block_layer();
+  block->set_flushes_skipped(stats.flushes_skipped);
+  block->set_read_modify_writes(stats.rmw);
+  block->set_bounced(stats.bounced);
+  block->set_split(stats.split);
+  block->set_serialising_waits(stats.serialising_waits);
+  block->set_zero_writes_detected(stats.zero_writes_detected);
+  block->set_write_zeroes_fallbacks(stats.write_zeroes_fallbacks);
+  block->set_error_stops(stats.error_stops);
+  block->set_discard_withdrawn(stats.discard_withdrawn != 0);
+  block->set_write_zeroes_withdrawn(stats.write_zeroes_withdrawn != 0);
   return out;
 }
 

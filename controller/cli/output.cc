@@ -163,6 +163,22 @@ std::string FormatDeviceTable(const std::vector<v1::Device>& devices) {
 }
 
 std::string FormatStats(const v1::DeviceStats& stats) {
+  // The block layer's own work, only what happened.
+  const v1::BlockLayerStats& b = stats.block_layer();
+  std::vector<std::string> work;
+  auto count = [&](uint64_t n, const char* what) {
+    if (n != 0) work.push_back(absl::StrCat(n, " ", what));
+  };
+  count(b.flushes_skipped(), "flushes skipped");
+  count(b.read_modify_writes(), "read-modify-writes");
+  count(b.bounced(), "bounced");
+  count(b.split(), "split");
+  count(b.serialising_waits(), "serialising waits");
+  count(b.zero_writes_detected(), "zero writes detected");
+  count(b.write_zeroes_fallbacks(), "write-zeroes fallbacks");
+  count(b.error_stops(), "error stops");
+  if (b.discard_withdrawn()) work.push_back("discard withdrawn");
+  if (b.write_zeroes_withdrawn()) work.push_back("write-zeroes withdrawn");
   std::string out = FormatTable({
       {"device:", stats.device_id()},
       {"size:", SizeWithBytes(stats.size_bytes())},
@@ -175,6 +191,7 @@ std::string FormatStats(const v1::DeviceStats& stats) {
        absl::StrCat(stats.loop().passes(), " passes, ", stats.loop().sleeps(), " slept, ",
                     stats.loop().sqes_submitted(), " SQEs in ", stats.loop().submit_calls(),
                     " submits, ", stats.loop().completions(), " completions")},
+      {"block layer:", work.empty() ? std::string("-") : absl::StrJoin(work, ", ")},
   });
   std::vector<std::vector<std::string>> rows;
   rows.push_back({"OP", "OPERATIONS", "BYTES", "FAILED", "INVALID", "AVG LATENCY"});

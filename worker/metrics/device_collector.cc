@@ -230,6 +230,45 @@ std::vector<MetricFamily> DeviceCollector::Collect() const {
     out.push_back(MakeFamily(c.name, c.help, MetricType::Counter));
     AddCounter(out.back(), device, static_cast<double>(c.value));
   }
+  // The block layer's own work (BlockDeviceStats). Per generation as well, like the loop's.
+  const struct {
+    const char* name;
+    const char* help;
+    uint64_t value;
+  } block[] = {
+      {"blockplane_device_flushes_skipped_total",
+       "Flushes answered without a backend flush: nothing was written since the last one.",
+       s.block.flushes_skipped},
+      {"blockplane_device_read_modify_writes_total",
+       "Writes padded to the backend's alignment with a read-modify-write.", s.block.rmw},
+      {"blockplane_device_bounced_total", "Requests staged through a bounce buffer.",
+       s.block.bounced},
+      {"blockplane_device_split_total",
+       "Requests split into several backend operations (the backend's limits).", s.block.split},
+      {"blockplane_device_serialising_waits_total",
+       "Requests that waited for an overlapping read-modify-write.", s.block.serialising_waits},
+      {"blockplane_device_zero_writes_detected_total",
+       "Writes of zeroes turned into write-zeroes (detect-zeroes).", s.block.zero_writes_detected},
+      {"blockplane_device_write_zeroes_fallbacks_total",
+       "Write-zeroes requests done by writing zero buffers.", s.block.write_zeroes_fallbacks},
+      {"blockplane_device_error_stops_total",
+       "Times the device stopped on an I/O error (error policy stop).", s.block.error_stops},
+  };
+  for (const auto& c : block) {
+    out.push_back(MakeFamily(c.name, c.help, MetricType::Counter));
+    AddCounter(out.back(), device, static_cast<double>(c.value));
+  }
+  out.push_back(MakeFamily("blockplane_device_feature_withdrawn",
+                           "1 once the backend refused a feature (EOPNOTSUPP) and the block layer "
+                           "stopped using it, by feature.",
+                           MetricType::Gauge));
+  for (const auto& [feature, withdrawn] :
+       {std::pair<const char*, uint64_t>{"discard", s.block.discard_withdrawn},
+        std::pair<const char*, uint64_t>{"write_zeroes", s.block.write_zeroes_withdrawn}}) {
+    std::vector<ClientMetric::Label> labels = device;
+    labels.push_back({"feature", feature});
+    AddGauge(out.back(), std::move(labels), withdrawn != 0 ? 1 : 0);
+  }
   if (!s.transport.empty()) AddTransport(s.transport, device, &out);
   return out;
 }

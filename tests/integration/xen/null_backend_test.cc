@@ -147,11 +147,20 @@ TEST_F(NullBackendTest, ReadZeroesDeviceReadsZeroesAndDropsWrites) {
                     .read_data = buffer})
                 .status,
             BLKIF_RSP_ERROR);
-  // Flushes complete.
+  // Flushes complete. The second has nothing written before it: the block layer answers it
+  // without a backend flush and says so (GetDeviceStats, bpctl stats).
   EXPECT_EQ(RunOne({.request = {BlkfrontOp::kFlush, 0, 0, 0, false}}).status, BLKIF_RSP_OKAY);
+  EXPECT_EQ(testing::GetDeviceStats(*controller_, "xd0").block_layer().flushes_skipped(), 0u);
+  EXPECT_EQ(RunOne({.request = {BlkfrontOp::kFlush, 0, 0, 0, false}}).status, BLKIF_RSP_OKAY);
+  const v1::BlockLayerStats block = testing::GetDeviceStats(*controller_, "xd0").block_layer();
+  EXPECT_EQ(block.flushes_skipped(), 1u) << block.DebugString();
+  EXPECT_EQ(block.read_modify_writes(), 0u);
+  EXPECT_FALSE(block.discard_withdrawn());
+  testing::CommandResult stats = controller_->Bpctl({"stats", "xd0"});
+  EXPECT_THAT(stats.out, HasSubstr("block layer:        1 flushes skipped\n")) << stats.out;
   EXPECT_EQ(Ops("read"), 3u);
   EXPECT_EQ(Ops("write"), 3u);
-  EXPECT_EQ(Ops("flush"), 1u);
+  EXPECT_EQ(Ops("flush"), 2u);
   EXPECT_EQ(blkfront_->counters().grants_still_mapped, 0u);
 }
 

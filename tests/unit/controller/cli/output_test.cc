@@ -121,10 +121,30 @@ TEST(FormatStatsTest, SummaryAndOperationTable) {
       << text;
   EXPECT_TRUE(absl::StrContains(text, "in flight:          3\n")) << text;
   EXPECT_TRUE(absl::StrContains(text, "idle:               1.5s\n")) << text;
+  EXPECT_TRUE(absl::StrContains(text, "block layer:        -\n")) << text;
   EXPECT_TRUE(absl::StrContains(text,
                                 "OP     OPERATIONS  BYTES  FAILED  INVALID  AVG LATENCY\n"
                                 "read   4           16K    0       0        1ms\n"
                                 "flush  0           0      0       0        -\n"))
+      << text;
+}
+
+TEST(FormatStatsTest, BlockLayerLineListsOnlyWhatHappened) {
+  v1::DeviceStats stats;
+  ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(
+      R"pb(device_id: "dev0"
+           block_layer {
+             flushes_skipped: 7
+             read_modify_writes: 2
+             bounced: 3
+             split: 0
+             discard_withdrawn: true
+           })pb",
+      &stats));
+  const std::string text = FormatStats(stats);
+  EXPECT_TRUE(absl::StrContains(text,
+                                "block layer:        7 flushes skipped, 2 read-modify-writes, 3 "
+                                "bounced, discard withdrawn\n"))
       << text;
 }
 

@@ -29,6 +29,10 @@ DeviceMetricsSnapshot Snapshot() {
   write.latency_histogram[kLatencyBuckets - 2] = 7;  // < 16.8 s
   write.latency_histogram[kLatencyBuckets - 1] = 1;  // beyond
   s.block.in_flight = 4;
+  s.block.flushes_skipped = 6;
+  s.block.rmw = 2;
+  s.block.split = 5;
+  s.block.write_zeroes_withdrawn = 1;
   s.block.highest_written_offset = 1 << 20;
   s.size_bytes = 8 << 20;
   s.state = "draining";
@@ -99,6 +103,19 @@ TEST(DeviceCollectorTest, HistogramIsCumulativeWithTheBlockLayersBounds) {
   EXPECT_NE(text.find("blockplane_worker_loop_sqes_total" + d + " 320\n"), std::string::npos);
   EXPECT_NE(text.find("blockplane_worker_loop_completions_total" + d + " 318\n"),
             std::string::npos);
+  EXPECT_NE(text.find("blockplane_device_flushes_skipped_total" + d + " 6\n"), std::string::npos);
+  EXPECT_NE(text.find("blockplane_device_read_modify_writes_total" + d + " 2\n"),
+            std::string::npos);
+  EXPECT_NE(text.find("blockplane_device_split_total" + d + " 5\n"), std::string::npos);
+  EXPECT_NE(text.find("blockplane_device_bounced_total" + d + " 0\n"), std::string::npos);
+  EXPECT_NE(
+      text.find(
+          R"(blockplane_device_feature_withdrawn{device="dev0",frontend="xen",feature="write_zeroes"} 1)"),
+      std::string::npos);
+  EXPECT_NE(
+      text.find(
+          R"(blockplane_device_feature_withdrawn{device="dev0",frontend="xen",feature="discard"} 0)"),
+      std::string::npos);
   // Queue 0 alone counted: no series of the 15 others.
   EXPECT_EQ(text.find(R"(queue="1")"), std::string::npos);
 }
