@@ -197,6 +197,21 @@ class XenBackendE2eTest : public XenE2eTest {
     VerifiedIo(std::span<const Batch>(&batch, 1), depth);
   }
 
+  // Attach (one queue, indirect segments, persistent grants), connect, some verified I/O, then the
+  // frontend closes; returns once the device waits for a frontend again. The disconnect fails if
+  // the backend still maps the ring or a persistent grant after Closed.
+  void ServeThenCloseFrontend() {
+    StartAll();
+    if (HasFatalFailure()) return;
+    ASSERT_TRUE(Attach(Spec(1, 1, true)).ok());
+    ConnectFrontend("x86_64-abi", true, 1, 1);
+    if (HasFatalFailure()) return;
+    VerifiedIo(0, 0, 8, 4, 1);
+    ASSERT_TRUE(blkfront_->Disconnect().ok());
+    ASSERT_TRUE(testing::WaitFor(
+        [&] { return GetDevice().status().state() == v1::DEVICE_STATE_WAITING_FOR_FRONTEND; }));
+  }
+
   // Sends one raw (hostile) request in `slot` of `queue`, which stays acquired, and waits for its
   // response. A response whose id is not the request's is dropped by the Blkfront (counted as
   // bogus) and ends here in a failure.
@@ -611,16 +626,8 @@ TEST_F(XenBackendE2eTest, HostileRequestsAndBrokenRing) {
 
 // The frontend closes and comes back: Closing/Closed, then InitWait and a new connection.
 TEST_F(XenBackendE2eTest, FrontendReconnects) {
-  StartAll();
+  ServeThenCloseFrontend();
   if (HasFatalFailure()) return;
-  ASSERT_TRUE(Attach(Spec(1, 1, true)).ok());
-  ConnectFrontend("x86_64-abi", true, 1, 1);
-  if (HasFatalFailure()) return;
-  VerifiedIo(0, 0, 8, 4, 1);
-  // Fails if the backend still maps the ring or a persistent grant after Closed.
-  ASSERT_TRUE(blkfront_->Disconnect().ok());
-  ASSERT_TRUE(testing::WaitFor(
-      [&] { return GetDevice().status().state() == v1::DEVICE_STATE_WAITING_FOR_FRONTEND; }));
   // A new frontend instance: Initialising, and the backend offers InitWait again.
   ASSERT_TRUE(guest_platform_->xenstore().Write(kFrontend + "/state", "1", 0).ok());
   ConnectFrontend("x86_32-abi", true, 1, 1);
@@ -633,15 +640,8 @@ TEST_F(XenBackendE2eTest, FrontendReconnects) {
 // The frontend closes first, then the device is detached: the backend, Closed already, stays
 // Closed (no Closing the closed frontend would react to) and the worker exits cleanly.
 TEST_F(XenBackendE2eTest, DetachAfterFrontendClosedStaysClosed) {
-  StartAll();
+  ServeThenCloseFrontend();
   if (HasFatalFailure()) return;
-  ASSERT_TRUE(Attach(Spec(1, 0, true)).ok());
-  ConnectFrontend("x86_64-abi", true, 0, 1);
-  if (HasFatalFailure()) return;
-  VerifiedIo(0, 0, 8, 4, 1);
-  ASSERT_TRUE(blkfront_->Disconnect().ok());
-  ASSERT_TRUE(testing::WaitFor(
-      [&] { return GetDevice().status().state() == v1::DEVICE_STATE_WAITING_FOR_FRONTEND; }));
   EXPECT_EQ(Xenstore({"xenstore-read", kBackend + "/state"}), "6\n");
   ASSERT_TRUE(Detach().ok());
   const std::string log = ReadWholeFile(controller_->log_path());
