@@ -283,7 +283,10 @@ class BlockDevice {
   uint64_t queued_ = 0;
 
   // Flush serialisation and skipping (bdrv_co_flush).
-  uint64_t write_gen_ = 0;
+  // Starts one ahead of flushed_gen_: writes of an earlier process on the same backing store (a
+  // worker generation killed before it flushed) may still sit in the host's cache, so the first
+  // flush (or drain) always reaches the backend.
+  uint64_t write_gen_ = 1;
   uint64_t flushed_gen_ = 0;
   bool flush_active_ = false;
   Tracked* flush_queue_head_ = nullptr;

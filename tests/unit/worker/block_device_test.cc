@@ -186,19 +186,23 @@ TEST_F(BlockDeviceTest, LargeRequestsAreSplitAtMaxTransfer) {
   EXPECT_EQ(device_->Stats().split, 2u);
 }
 
-TEST_F(BlockDeviceTest, FlushIsSkippedWhenNothingWasWritten) {
+TEST_F(BlockDeviceTest, FlushIsSkippedWhenNothingWasWrittenSinceTheLastOne) {
   Make();
+  // A new device's first flush reaches the backend: it cannot know what an earlier process (a
+  // worker killed before it flushed) left in the host's cache.
   ASSERT_EQ(Flush(), 0);
-  EXPECT_EQ(ram_->stats().flushes, 0u);
+  EXPECT_EQ(ram_->stats().flushes, 1u);
+  ASSERT_EQ(Flush(), 0);
+  EXPECT_EQ(ram_->stats().flushes, 1u);
   AlignedBuffer buf(4096);
   ASSERT_EQ(Write(0, buf.data(), 4096), 0);
   ASSERT_EQ(Flush(), 0);
-  EXPECT_EQ(ram_->stats().flushes, 1u);
+  EXPECT_EQ(ram_->stats().flushes, 2u);
   ASSERT_EQ(Flush(), 0);
-  EXPECT_EQ(ram_->stats().flushes, 1u);
+  EXPECT_EQ(ram_->stats().flushes, 2u);
   BlockDeviceStats stats = device_->Stats();
   EXPECT_EQ(stats.flushes_skipped, 2u);
-  EXPECT_EQ(stats.ops[int(BlockOp::kFlush)].ops, 3u);
+  EXPECT_EQ(stats.ops[int(BlockOp::kFlush)].ops, 4u);
 }
 
 TEST_F(BlockDeviceTest, ConcurrentFlushesAreSerialised) {
