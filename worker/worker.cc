@@ -100,7 +100,10 @@ absl::Status Worker::Init() {
                                 [&] {
                                   BlockDeviceOptions o = ToBlockOptions(spec);
                                   o.on_error_stop = [this](int error) { OnErrorStop(error); };
-                                  if (stats_segment_) o.counters = stats_segment_->block_ops();
+                                  if (stats_segment_) {
+                                    o.counters = stats_segment_->block_ops();
+                                    o.layer_counters = stats_segment_->block_layer();
+                                  }
                                   return o;
                                 }())
           : absl::StatusOr<std::unique_ptr<BlockDevice>>(backend.status());

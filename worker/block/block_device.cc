@@ -158,7 +158,8 @@ BlockDevice::BlockDevice(common::EventLoop* loop, std::unique_ptr<Backend> backe
     : loop_(loop),
       backend_(std::move(backend)),
       options_(std::move(options)),
-      op_counters_(options_.counters ? options_.counters : own_op_counters_.data()) {
+      op_counters_(options_.counters ? options_.counters : own_op_counters_.data()),
+      layer_(options_.layer_counters ? options_.layer_counters : &own_layer_counters_) {
   const BackendLimits& limits = backend_->Limits();
   align_ = limits.request_alignment;
   buffer_align_ = std::bit_ceil(std::max<uint32_t>(limits.buffer_alignment, 1));
@@ -257,7 +258,7 @@ void BlockDevice::Submit(const BlockRequest& request, BlockCompletion* done) {
     if (options_.detect_zeroes == DetectZeroes::kUnmap && options_.discard == DiscardMode::kUnmap) {
       t->req.flags |= kBlockMayUnmap;
     }
-    zero_writes_detected_.Add(1);
+    layer_->zero_writes_detected.Add(1);
   }
   if (quiesce_ > 0 || stopped_ || queue_head_ != nullptr) {
     if (queue_tail_ != nullptr) {
@@ -317,7 +318,7 @@ void BlockDevice::Admit(Tracked* t) {
       if (conflict != nullptr) {
         t->waiting_for = conflict;
         waiting_.push_back(t);
-        serialising_waits_.Add(1);
+        layer_->serialising_waits.Add(1);
         return;
       }
     }
@@ -428,7 +429,7 @@ bool BlockDevice::IssueRw(Tracked* t, bool write, uint64_t offset, const iovec* 
     t->scratch.resize(first_iov);
     return false;
   }
-  if (t->chunks.size() - first_chunk > 1) split_.Add(1);
+  if (t->chunks.size() - first_chunk > 1) layer_->split.Add(1);
   t->touched_backend = true;
   t->pending += static_cast<int>(t->chunks.size() - first_chunk);
   for (size_t c = first_chunk; c < t->chunks.size(); ++c) {
@@ -482,7 +483,7 @@ void BlockDevice::DispatchRead(Tracked* t) {
     if (IssueRw(t, /*write=*/false, start, t->req.iov, t->req.iovcnt, 0)) return;
   }
   // Padded or misaligned buffers: read the aligned range into a bounce buffer.
-  bounced_.Add(1);
+  layer_->bounced.Add(1);
   t->bounce_start = t->overlap_start;
   t->bounce_len = t->overlap_end - t->overlap_start;
   t->bounce = AllocBounce(t->bounce_len, &t->bounce_class);
@@ -509,7 +510,7 @@ void BlockDevice::DispatchWrite(Tracked* t) {
     t->scratch.reserve(t->req.iovcnt + t->length / max_transfer_ + 2);
     if (IssueRw(t, /*write=*/true, start, t->req.iov, t->req.iovcnt, fua)) return;
   }
-  bounced_.Add(1);
+  layer_->bounced.Add(1);
   t->bounce_start = t->overlap_start;
   t->bounce_len = t->overlap_end - t->overlap_start;
   t->bounce = AllocBounce(t->bounce_len, &t->bounce_class);
@@ -522,7 +523,7 @@ void BlockDevice::DispatchWrite(Tracked* t) {
     return;
   }
   // Read-modify-write: read the partial head and tail blocks first (bdrv_padding_rmw_read).
-  rmw_.Add(1);
+  layer_->rmw.Add(1);
   t->phase = Tracked::Phase::kRmwRead;
   if (start != t->overlap_start) {
     IssueBuffer(t, /*write=*/false, t->overlap_start, t->bounce, align_, 0);
@@ -553,7 +554,7 @@ void BlockDevice::StartFlush(Tracked* t) {
   t->phase = Tracked::Phase::kMain;
   if (flushed_gen_ == t->flush_gen) {
     // Nothing was written since the last successful flush.
-    flushes_skipped_.Add(1);
+    layer_->flushes_skipped.Add(1);
     return CompleteLater(t, 0);
   }
   t->touched_backend = true;
@@ -576,7 +577,7 @@ void BlockDevice::DispatchDiscard(Tracked* t) {
   t->phase = Tracked::Phase::kMain;
   t->touched_backend = true;
   int parts = static_cast<int>((end - start + max - 1) / max);
-  if (parts > 1) split_.Add(1);
+  if (parts > 1) layer_->split.Add(1);
   t->pending += parts;
   for (uint64_t pos = start; pos < end; pos += max) {
     backend_->Discard(pos, std::min(max, end - pos), t);
@@ -599,8 +600,8 @@ void BlockDevice::DispatchWriteZeroes(Tracked* t) {
     return;
   }
   // Partial head/tail blocks: read, zero the covered part, write back (bdrv_co_do_zero_pwritev).
-  rmw_.Add(1);
-  bounced_.Add(1);
+  layer_->rmw.Add(1);
+  layer_->bounced.Add(1);
   t->bounce_start = t->overlap_start;
   t->bounce_len = 2 * uint64_t{align_};
   t->bounce = AllocBounce(t->bounce_len, &t->bounce_class);
@@ -632,7 +633,7 @@ void BlockDevice::IssueZeroesMiddle(Tracked* t) {
             ? kBackendZeroesMayUnmap
             : 0;
     int parts = static_cast<int>((end - start + max - 1) / max);
-    if (parts > 1) split_.Add(1);
+    if (parts > 1) layer_->split.Add(1);
     t->pending += parts;
     for (uint64_t pos = start; pos < end; pos += max) {
       backend_->WriteZeroes(pos, std::min(max, end - pos), flags, t);
@@ -643,7 +644,7 @@ void BlockDevice::IssueZeroesMiddle(Tracked* t) {
     if (t->error == 0) t->error = -EOPNOTSUPP;
     return;
   }
-  write_zeroes_fallbacks_.Add(1);
+  layer_->write_zeroes_fallbacks.Add(1);
   const uint64_t chunk = std::min<uint64_t>(max_transfer_, kZeroBufferSize);
   uint8_t* zeroes = const_cast<uint8_t*>(ZeroBuffer());
   for (uint64_t pos = start; pos < end; pos += chunk) {
@@ -800,7 +801,7 @@ void BlockDevice::Finish(Tracked* t, int result) {
     const bool newly_stopped = !stopped_;
     stopped_ = true;
     stopped_stat_.store(true, std::memory_order_relaxed);
-    if (newly_stopped) error_stops_.Add(1);
+    if (newly_stopped) layer_->error_stops.Add(1);
     WakeWaiters();
     if (newly_stopped && options_.on_error_stop) options_.on_error_stop(result);
     CheckDrained();
@@ -929,16 +930,16 @@ BlockDeviceStats BlockDevice::Stats() const {
   const uint64_t now = static_cast<uint64_t>(common::MonotonicNanos());
   const uint64_t last = last_completion_ns_.Get();
   s.idle_ns = s.in_flight > 0 || now < last ? 0 : now - last;
-  s.flushes_skipped = flushes_skipped_.Get();
-  s.rmw = rmw_.Get();
-  s.bounced = bounced_.Get();
-  s.split = split_.Get();
-  s.serialising_waits = serialising_waits_.Get();
-  s.zero_writes_detected = zero_writes_detected_.Get();
-  s.write_zeroes_fallbacks = write_zeroes_fallbacks_.Get();
+  s.flushes_skipped = layer_->flushes_skipped.Get();
+  s.rmw = layer_->rmw.Get();
+  s.bounced = layer_->bounced.Get();
+  s.split = layer_->split.Get();
+  s.serialising_waits = layer_->serialising_waits.Get();
+  s.zero_writes_detected = layer_->zero_writes_detected.Get();
+  s.write_zeroes_fallbacks = layer_->write_zeroes_fallbacks.Get();
   s.discard_withdrawn = discard_withdrawn_stat_.Get();
   s.write_zeroes_withdrawn = write_zeroes_withdrawn_stat_.Get();
-  s.error_stops = error_stops_.Get();
+  s.error_stops = layer_->error_stops.Get();
   s.stopped_on_error = stopped_stat_.load(std::memory_order_relaxed);
   s.quiesced = quiesced_stat_.load(std::memory_order_relaxed);
   s.last_error = last_error_.load(std::memory_order_relaxed);

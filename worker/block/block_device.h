@@ -73,7 +73,8 @@ enum class DiscardMode { kIgnore, kUnmap };
 enum class DetectZeroes { kOff, kOn, kUnmap };
 enum class ErrorPolicy { kReport, kStop };
 
-struct BlockOpCounters;  // below
+struct BlockOpCounters;     // below
+struct BlockLayerCounters;  // below
 
 struct BlockDeviceOptions {
   uint32_t logical_block_size = 512;  // 512 or 4096: the guest-visible sector size
@@ -88,6 +89,9 @@ struct BlockDeviceOptions {
   // survive a crash of the worker (worker/metrics/stats_segment.h). The device adds to whatever
   // it holds; null: the device keeps its own, starting at zero.
   BlockOpCounters* counters = nullptr;
+  // Optional storage for the block layer's own counters (skipped flushes, read-modify-writes, ...),
+  // with the same rules as `counters`; null: the device keeps its own.
+  BlockLayerCounters* layer_counters = nullptr;
 };
 
 inline constexpr int kLatencyBuckets = 26;
@@ -112,8 +116,15 @@ struct BlockOpCounters {
   BlockCounter bytes, ops, total_time_ns, failed, invalid;
   std::array<BlockCounter, kLatencyBuckets> histogram;
 };
+// The block layer's own work, the counters of BlockDeviceStats' fields of the same names; the
+// same rules as BlockOpCounters.
+struct BlockLayerCounters {
+  BlockCounter flushes_skipped, rmw, bounced, split, serialising_waits, zero_writes_detected;
+  BlockCounter write_zeroes_fallbacks, error_stops;
+};
 static_assert(std::atomic<uint64_t>::is_always_lock_free);
 static_assert(std::is_standard_layout_v<BlockOpCounters>);
+static_assert(std::is_standard_layout_v<BlockLayerCounters>);
 static_assert(sizeof(BlockOpCounters) == (5 + kLatencyBuckets) * sizeof(uint64_t));
 
 struct BlockOpStats {
@@ -312,10 +323,11 @@ class BlockDevice {
   // Stats (single writer: the loop thread; any reader).
   std::array<OpCounters, kBlockOpCount> own_op_counters_;
   OpCounters* op_counters_;  // own_op_counters_ or BlockDeviceOptions::counters
+  BlockLayerCounters own_layer_counters_;
+  BlockLayerCounters* layer_;  // own_layer_counters_ or BlockDeviceOptions::layer_counters
   RelaxedCounter in_flight_gauge_, queued_gauge_, parked_gauge_, highest_written_;
-  RelaxedCounter last_completion_ns_, flushes_skipped_, rmw_, bounced_, split_;
-  RelaxedCounter serialising_waits_, zero_writes_detected_, write_zeroes_fallbacks_;
-  RelaxedCounter discard_withdrawn_stat_, write_zeroes_withdrawn_stat_, error_stops_;
+  RelaxedCounter last_completion_ns_;
+  RelaxedCounter discard_withdrawn_stat_, write_zeroes_withdrawn_stat_;
   std::atomic<bool> stopped_stat_{false};
   std::atomic<bool> quiesced_stat_{false};
   std::atomic<int> last_error_{0};

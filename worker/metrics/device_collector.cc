@@ -230,7 +230,8 @@ std::vector<MetricFamily> DeviceCollector::Collect() const {
     out.push_back(MakeFamily(c.name, c.help, MetricType::Counter));
     AddCounter(out.back(), device, static_cast<double>(c.value));
   }
-  // The block layer's own work (BlockDeviceStats). Per generation as well, like the loop's.
+  // The block layer's own work (BlockDeviceStats), kept in the stats segment like the
+  // per-operation counters.
   const struct {
     const char* name;
     const char* help;

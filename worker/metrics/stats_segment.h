@@ -4,9 +4,10 @@
 //
 // The controller creates one file per device (<state-dir>/stats/<device-id>.stats) before it
 // spawns each worker generation and removes it when the device is detached. Every generation maps
-// it MAP_SHARED and points the block layer's per-operation counters (BlockOpCounters) at it, so a
-// worker killed with SIGKILL loses no count and the next generation continues from the same
-// values: Prometheus counters stay monotonic across crashes. Gauges (in-flight, idle) are not in
+// it MAP_SHARED and points the block layer's per-operation counters (BlockOpCounters) and its own
+// counters (BlockLayerCounters) at it, so a worker killed with SIGKILL loses no count and the
+// next generation continues from the same values: Prometheus counters stay monotonic across
+// crashes. Gauges (in-flight, idle) are not in
 // the segment; each generation starts them afresh.
 //
 // Layout: a fixed, versioned layout (StatsSegmentLayout) starting with a magic/version header.
@@ -30,8 +31,8 @@
 namespace blockplane::worker {
 
 inline constexpr uint64_t kStatsSegmentMagic = 0x5354415453504231ull;  // "1BPSTATS" little endian
-// 2: the transport area has a queue dimension.
-inline constexpr uint32_t kStatsSegmentVersion = 2;
+// 2: the transport area has a queue dimension. 3: the block layer's own counters.
+inline constexpr uint32_t kStatsSegmentVersion = 3;
 inline constexpr size_t kStatsSegmentDeviceIdSize = 256;  // with its NUL
 // Ring and transport counters of the frontend, one area per queue (Xen blkif: up to 16 queues,
 // XenFrontend.max_queues); zero until a frontend uses them.
@@ -53,6 +54,7 @@ struct StatsSegmentLayout {
   StatsSegmentHeader header;
   std::array<BlockOpCounters, kBlockOpCount> block_ops;                  // indexed by BlockOp
   std::array<StatsSegmentQueueCounters, kStatsSegmentQueues> transport;  // by queue index
+  BlockLayerCounters block_layer;  // skipped flushes, read-modify-writes, ...
 };
 static_assert(std::is_standard_layout_v<StatsSegmentLayout>);
 static_assert(std::atomic<uint64_t>::is_always_lock_free);
@@ -67,7 +69,8 @@ absl::Status PrepareStatsSegment(const std::string& path, const std::string& dev
 // Controller: removes the segment (detach). Missing is fine.
 void RemoveStatsSegment(const std::string& path);
 
-// A mapped segment. Worker: Open() then point BlockDeviceOptions::counters at block_ops().
+// A mapped segment. Worker: Open() then point BlockDeviceOptions::counters at block_ops() and
+// BlockDeviceOptions::layer_counters at block_layer().
 class StatsSegment {
  public:
   // Maps `path` read-write and checks its header against `device_id`; records `generation`.
@@ -79,6 +82,7 @@ class StatsSegment {
   StatsSegment& operator=(const StatsSegment&) = delete;
 
   BlockOpCounters* block_ops() { return layout_->block_ops.data(); }
+  BlockLayerCounters* block_layer() { return &layout_->block_layer; }
   // Queue `queue`'s transport area (0 <= queue < kStatsSegmentQueues) as the frontend's
   // per-queue counter struct (e.g. xen::BlkifCounters).
   template <typename T>

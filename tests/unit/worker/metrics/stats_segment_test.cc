@@ -47,6 +47,29 @@ class StatsSegmentTest : public ::testing::Test {
     (*loop)->RunUntil([&] { return done; });
   }
 
+  // Submits two flushes through a BlockDevice whose counters live in `segment`, one after the
+  // other. The first reaches the backend (a new device does not know what an earlier worker left
+  // unflushed); nothing is written before the second, so the block layer skips it.
+  void RunTwoFlushes(StatsSegment* segment) {
+    auto loop = common::EventLoop::Create();
+    ASSERT_TRUE(loop.ok());
+    BlockDeviceOptions options;
+    options.counters = segment->block_ops();
+    options.layer_counters = segment->block_layer();
+    auto device = BlockDevice::Create(
+        loop->get(), std::make_unique<RamBackend>(loop->get(), RamBackend::Options{}), options);
+    ASSERT_TRUE(device.ok()) << device.status();
+    for (int i = 0; i < 2; ++i) {
+      struct Done final : BlockCompletion {
+        int result = 1;
+        void OnBlockComplete(int r) override { result = r; }
+      } done;
+      (*device)->Submit(BlockRequest{.op = BlockOp::kFlush}, &done);
+      (*loop)->RunUntil([&] { return done.result != 1; });
+      EXPECT_EQ(done.result, 0);
+    }
+  }
+
   std::string dir_, path_;
 };
 
@@ -75,6 +98,25 @@ TEST_F(StatsSegmentTest, CountersPersistAcrossMappings) {
   EXPECT_EQ(histogram, 8u);
   EXPECT_EQ(layout.header.generation.load(), 2u);
   EXPECT_EQ(layout.header.mappings.load(), 2u);
+}
+
+TEST_F(StatsSegmentTest, BlockLayerCountersPersistAcrossMappings) {
+  ASSERT_TRUE(PrepareStatsSegment(path_, "dev0").ok());
+  {
+    auto segment = StatsSegment::Open(path_, "dev0", 1);
+    ASSERT_TRUE(segment.ok()) << segment.status();
+    RunTwoFlushes(segment->get());
+    EXPECT_EQ((*segment)->layout().block_layer.flushes_skipped.Get(), 1u);
+  }
+  ASSERT_TRUE(PrepareStatsSegment(path_, "dev0").ok());
+  auto segment = StatsSegment::Open(path_, "dev0", 2);
+  ASSERT_TRUE(segment.ok()) << segment.status();
+  RunTwoFlushes(segment->get());
+  const StatsSegmentLayout& layout = (*segment)->layout();
+  EXPECT_EQ(layout.block_layer.flushes_skipped.Get(), 2u);
+  EXPECT_EQ(layout.block_layer.rmw.Get(), 0u);
+  // Skipped flushes are still flushes to the per-operation counters.
+  EXPECT_EQ(layout.block_ops[int(BlockOp::kFlush)].ops.Get(), 4u);
 }
 
 TEST_F(StatsSegmentTest, WorkerRefusesASegmentOfAnotherDevice) {
